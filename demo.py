@@ -1,0 +1,87 @@
+"""The whole trio end to end on a CPU, with no network: a few minutes on 2 cores.
+
+    python demo.py
+
+It builds a tiny GPT-J and tokenizer from the sample texts in demo/text/ (your own text/ is not
+touched), then runs the three scripts with their settings pointed at demo/work/:
+token_split.py -> `deepspeed finetune.py` (ZeRO-3, through DeepSpeed's launcher) -> infer_test.py.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import finetune
+import infer_test
+import tiny_gptj
+import token_split
+
+DEMO = {
+    "text_dir": "demo/text",  # sample corpus shipped with the repo
+    "work_dir": "demo/work",  # tiny model, dataset and fine-tuned model go here (git-ignored)
+    "block_size": 128,  # the tiny model's context is 256
+}
+
+
+def use_demo_settings():
+    """Point the three scripts' settings at the tiny model and demo folders (in every process)."""
+    work = DEMO["work_dir"]
+    token_split.SETTINGS.update(text_dir=DEMO["text_dir"], dataset_dir=f"{work}/dataset",
+                                tokenizer=f"{work}/tiny-gptj", block_size=DEMO["block_size"],
+                                validation_share=0.1)
+    finetune.MODEL.update(name=f"{work}/tiny-gptj", revision=None, block_size=DEMO["block_size"])
+    finetune.FILES.update(dataset_dir=f"{work}/dataset", out_dir=f"{work}/out")
+    finetune.TRAINING.update(
+        per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
+        num_train_epochs=12,  # 3,700 tokens: many passes, a second each (more overfits: validation loss rises)
+        learning_rate=3e-3,  # a random tiny model learns from scratch: far higher than GPT-J's 1e-5
+        logging_steps=10,
+    )
+    infer_test.SETTINGS.update(model_dir=f"{work}/out", max_new_tokens=40,
+                               prompts=["12 March. Wind", "Dear Anna,", "Bread asks for"])
+
+
+def main():
+    started = time.time()
+    use_demo_settings()
+    print("== 1/4 building a tiny GPT-J and its tokenizer from demo/text (instead of downloading GPT-J-6B)")
+    tiny_gptj.build(DEMO["text_dir"], token_split.SETTINGS["tokenizer"])
+    print("\n== 2/4 python token_split.py")
+    token_split.main()
+    print("\n== 3/4 deepspeed finetune.py")
+    run_finetune_with_launcher()
+    print("\n== 4/4 python infer_test.py")
+    infer_test.main()
+    print(f"\nDemo finished in {time.time() - started:.0f} s. The fine-tuned model is in {finetune.FILES['out_dir']}/.")
+
+
+def run_finetune_with_launcher():
+    """`deepspeed --num_gpus 1 demo.py finetune`: the launcher starts this file again, in finetune mode."""
+    environment = dict(os.environ)
+    environment.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    environment.setdefault("DS_ACCELERATOR", "cpu" if not cuda_available() else "cuda")
+    command = ["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), __file__, "finetune"]
+    subprocess.run(command, env=environment, check=True)
+
+
+def cuda_available():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def free_port():
+    """A port nobody listens on: DeepSpeed's default 29500 collides when two runs overlap."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+if __name__ == "__main__":
+    if "finetune" in sys.argv[1:]:  # started by the launcher (which adds --local_rank=N)
+        use_demo_settings()
+        finetune.main()
+    else:
+        main()

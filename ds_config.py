@@ -1,0 +1,53 @@
+"""The DeepSpeed ZeRO-3 configuration finetune.py hands to the Trainer (TrainingArguments(deepspeed=...)).
+
+"auto" marks every value the HF Trainer owns (batch sizes, accumulation, learning rate, clipping,
+precision, bucket sizes from the model's width): the Trainer fills them in from finetune.py's TRAINING
+dict, so each number lives in one place and the two can never disagree.
+"""
+
+DS_CONFIG = {
+    "zero_optimization": {
+        "stage": 3,  # ZeRO-3: parameters, gradients and optimizer state are all partitioned / offloaded
+        # Parameters live in host RAM and visit the GPU one layer at a time: 12 GB of FP16 weights off the GPU.
+        "offload_param": {"device": "cpu", "pin_memory": False},
+        # Adam runs on the CPU (DeepSpeed's compiled CPU Adam): its fp32 master weights, m and v and the
+        # fp32 gradients (~16 bytes per parameter, ~100 GB for GPT-J) never touch the GPU.
+        # pin_memory True speeds host<->GPU copies but locks that RAM: more host RAM at peak.
+        "offload_optimizer": {"device": "cpu", "pin_memory": False},
+        "overlap_comm": True,  # overlap gradient reduction/copies with the backward pass
+        "contiguous_gradients": True,  # copy gradients into one buffer: less GPU fragmentation
+        "reduce_bucket_size": "auto",  # Trainer: hidden_size^2
+        "stage3_prefetch_bucket_size": "auto",  # Trainer: 0.9 * hidden_size^2; bigger = more GPU memory, less waiting
+        "stage3_param_persistence_threshold": "auto",  # Trainer: 10 * hidden_size; smaller params stay on the GPU
+        "sub_group_size": 1e9,  # parameters per optimizer step chunk; smaller lowers the step's RAM transient
+        "stage3_max_live_parameters": 1e9,  # parameters gathered on the GPU at once; lower = less GPU memory
+        "stage3_max_reuse_distance": 1e9,  # keep a gathered parameter if it is used again this soon
+        # Gather the partitioned weights into one 16-bit state dict when the Trainer saves, so out/ holds a
+        # consolidated model that plain from_pretrained loads. Without it only ZeRO shards are written.
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    # FP16 with dynamic loss scaling: the scale starts at 2^initial_scale_power, halves on overflow
+    # (that step is skipped) and doubles after loss_scale_window clean steps.
+    "fp16": {
+        "enabled": "auto",  # Trainer: TrainingArguments.fp16 (on for GPUs, off on CPU)
+        "loss_scale": 0,  # 0 = dynamic
+        "initial_scale_power": 16,
+        "loss_scale_window": 1000,
+        "hysteresis": 2,  # overflows tolerated before the scale drops
+        "min_loss_scale": 1,  # a scale stuck here means FP16 has collapsed: lower the learning rate
+    },
+    "bf16": {"enabled": "auto"},  # Trainer: TrainingArguments.bf16 (for cards that have it; GPT-J's FP16 weights load fine)
+    # DeepSpeed's own AdamW, which becomes the compiled CPU Adam because the optimizer is offloaded.
+    # No "scheduler" key: the Trainer's own schedule is used (DeepSpeed's WarmupLR starts at LR 0 and never
+    # decays, which on a few MB of text never leaves warm-up).
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+    },
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "steps_per_print": 1_000_000,  # the Trainer logs progress; keep DeepSpeed's own step prints quiet
+    "wall_clock_breakdown": False,
+}

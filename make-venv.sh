@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Makes venv/ from scratch and installs the pinned requirements (~2 minutes, ~1.5 GB on CPU).
+# Then compiles DeepSpeed's CPU Adam op once (~1 minute), so that no training run waits for it.
+#   ./make-venv.sh && . venv/bin/activate
+# TORCH_PIP_ARGS is passed to the torch install, e.g. a CPU-only index on a machine without a GPU:
+#   TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" ./make-venv.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+rm -rf venv
+"$PYTHON" -m venv venv
+. venv/bin/activate
+
+# torch first, on its own, so that the choice of build (CUDA or CPU) is made here, not by a dependency.
+pip install ${TORCH_PIP_ARGS:-} "torch==$(grep -Po '^torch==\K\S+' requirements.txt)"
+pip install -r requirements.txt
+
+# DeepSpeed compiles its ops on first use and caches them in TORCH_EXTENSIONS_DIR. The default cache
+# (~/.cache/torch_extensions) is shared by every venv on the machine and goes stale when one of them
+# reinstalls DeepSpeed, so this venv gets its own, set whenever the venv is activated.
+echo 'export TORCH_EXTENSIONS_DIR="$VIRTUAL_ENV/torch_extensions"' >> venv/bin/activate
+export TORCH_EXTENSIONS_DIR="$PWD/venv/torch_extensions"
+echo "Compiling DeepSpeed's CPU Adam op (once, about a minute) ..."
+python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
+echo "Done. Activate with:  . venv/bin/activate"

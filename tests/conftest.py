@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny GPT-J with a locally trained tokenizer, and helpers to drive the real scripts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import tiny_gptj  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random GPT-J whose BPE tokenizer was trained on the demo corpus (built once per session)."""
+    return tiny_gptj.build(REPO / "demo" / "text", str(tmp_path_factory.mktemp("tiny") / "tiny-gptj"))
+
+
+@pytest.fixture
+def configure(monkeypatch):
+    """configure(module_dict, key=value, ...): change a script's settings for this test only."""
+    def update(settings, **values):
+        for key, value in values.items():
+            monkeypatch.setitem(settings, key, value)
+    return update
+
+
+def write_files(root, files):
+    """files: {relative path: str or bytes}. Strings are written as UTF-8 without newline translation."""
+    for name, content in files.items():
+        path = Path(root) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return root
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_finetune(settings, gpus=1, timeout=600):
+    """`deepspeed --num_gpus N tests/run_finetune.py settings.json`: finetune.main() through the real
+    launcher, with finetune.py's dicts updated from `settings` ({"MODEL": {...}, "TRAINING": {...}})."""
+    settings_file = Path(settings["FILES"]["out_dir"] + ".settings.json")
+    settings_file.write_text(json.dumps(settings))
+    environment = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    environment.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    command = ["deepspeed", "--num_gpus", str(gpus), "--master_port", str(free_port()),
+               str(REPO / "tests" / "run_finetune.py"), str(settings_file)]
+    result = subprocess.run(command, env=environment, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"finetune failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    return result.stdout + result.stderr
