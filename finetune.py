@@ -205,6 +205,7 @@ def save(trainer, out_dir, metadata):
     if not trainer.is_world_process_zero():
         return
     results = summarize(trainer.state.log_history)
+    results["zero_stage"] = trainer.deepspeed.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
     results["dataset"] = {key: metadata[key] for key in ("tokenizer", "block_size", "tokens", "counts", "created")}
     (Path(partial) / "finetune_log.json").write_text(
         json.dumps({**results, "log_history": trainer.state.log_history}, indent=1) + "\n")

@@ -49,6 +49,7 @@ def run_finetune(settings, gpus=1, timeout=600):
     """`deepspeed --num_gpus N tests/run_finetune.py settings.json`: finetune.main() through the real
     launcher, with finetune.py's dicts updated from `settings` ({"MODEL": {...}, "TRAINING": {...}})."""
     settings_file = Path(settings["FILES"]["out_dir"] + ".settings.json")
+    settings_file.parent.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(settings))
     environment = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     environment.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
