@@ -1,0 +1,285 @@
+"""GPU benchmark of finetune.py's own code path: full-size GPT-J-6B, seq 2048, emulated VRAM budgets.
+
+    python bench/gpu_bench.py                 # every point in POINTS, one process each, on one GPU
+    python bench/gpu_bench.py ours-24 orig-24 # only these points
+
+Each point runs in its own process (fresh GPU and host memory counters) through the same functions
+finetune.py uses (training_arguments with ds_config.py's DS_CONFIG, train() with the HF Trainer), with
+two differences a benchmark needs: the model is GPT-J-6B built from GPTJConfig() with random weights
+(the hub is out of reach; memory and speed are the same), and the samples are random tokens.
+
+A VRAM budget is emulated by capping PyTorch's allocator at budget - OUTSIDE_ALLOCATOR_GIB, the CUDA
+context, NCCL and cuBLAS workspaces that live outside it; a point counts as fitting ("ok") only if it
+finished and the whole process's GPU memory (polled from the driver) stayed within the budget.
+Records are appended to bench/results.json (or $BENCH_RESULTS).
+"""
+
+import copy
+import datetime
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+OUTSIDE_ALLOCATOR_GIB = 2.2  # measured: the DeepSpeed process holds 1.65-2.2 GiB outside PyTorch's allocator
+H100_BF16_FLOPS = 790e12  # measured dense bf16/fp16 matmul rate of the card (8192^3 products)
+SEQ_LEN = 2048
+
+# The original project's settings, from its README and ds_config: ZeRO-3, params and optimizer offloaded,
+# no pinned memory, FP16 starting at loss scale 2^12, DeepSpeed's WarmupLR, B=7 in 24 GiB with
+# per_device * accumulation ~ 128 (its README's advice: 7 x 18 = 126).
+ORIGINAL_DS = {
+    "zero_optimization": {"offload_param": {"device": "cpu", "pin_memory": False},
+                          "offload_optimizer": {"device": "cpu", "pin_memory": False}},
+    "fp16": {"initial_scale_power": 12},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                 "warmup_num_steps": "auto"}},
+}
+
+# name: settings ("ours" = finetune.py + ds_config.py as they are), VRAM budget, batch, accumulation,
+# optimizer steps (the first carries CPU Adam's state allocation; the last is reported), DeepSpeed overrides.
+POINTS = {
+    "ours-24": dict(settings="ours", budget=24, batch=10, accumulation=8, steps=2),
+    "orig-24": dict(settings="original", budget=24, batch=7, accumulation=18, steps=2, ds=ORIGINAL_DS),
+    "ours-16": dict(settings="ours", budget=16, batch=6, accumulation=2, steps=1),
+    "ours-12": dict(settings="ours", budget=12, batch=4, accumulation=2, steps=1),
+    "ours-8": dict(settings="ours", budget=8, batch=2, accumulation=2, steps=1),
+    "orig-8": dict(settings="original", budget=8, batch=1, accumulation=2, steps=1, ds=ORIGINAL_DS),
+    # The code path on a CPU, with a 2-layer GPT-J: `DS_ACCELERATOR=cpu python bench/gpu_bench.py smoke-cpu`.
+    "smoke-cpu": dict(settings="ours", budget=24, batch=2, accumulation=3, steps=2,
+                      config=dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=2048, vocab_size=512)),
+}
+
+
+def main(names):
+    results_file = Path(os.environ.get("BENCH_RESULTS", REPO / "bench" / "results.json"))
+    for name in names or list(POINTS):
+        record = run_in_own_process(name)
+        records = json.loads(results_file.read_text()) if results_file.exists() else []
+        results_file.write_text(json.dumps(records + [record], indent=1) + "\n")
+        print(json.dumps(record), flush=True)
+
+
+def run_in_own_process(name):
+    """One point = one process started like `deepspeed --num_gpus 1` would (RANK, WORLD_SIZE, ...)."""
+    environment = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(free_port()))
+    if POINTS[name]["settings"] == "ours":  # what finetune.main() sets; the original project did not
+        environment["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    command = [sys.executable, __file__, "--point", name]
+    started = time.time()
+    result = subprocess.run(command, env=environment, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH_RECORD ")]
+    if lines:
+        return json.loads(lines[-1][len("BENCH_RECORD "):])
+    tail = (result.stdout + result.stderr)[-3000:]
+    print(tail, file=sys.stderr)
+    point = POINTS[name]
+    return {**describe(name, point), "ok": False, "exit_code": result.returncode,
+            "failure": failure_reason(tail, result.returncode), "wall_s": round(time.time() - started, 1)}
+
+
+def failure_reason(output, exit_code):
+    if "OutOfMemoryError" in output or "CUDA out of memory" in output:
+        return "CUDA out of memory"
+    if exit_code in (-9, 137):
+        return "killed (host RAM: kernel OOM killer)"
+    return output.strip().splitlines()[-1] if output.strip() else f"exit code {exit_code}"
+
+
+def describe(name, point):
+    import torch
+    import transformers
+    import deepspeed
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {
+        "point": name, "settings": point["settings"], "gpu": gpu, "gpus": 1,
+        "date": datetime.date.today().isoformat(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]},
+        "vram_budget_gib": point["budget"], "per_device_batch": point["batch"],
+        "grad_accum": point["accumulation"], "seq_len": SEQ_LEN, "cpu_threads": torch.get_num_threads(),
+        "command": f"python bench/gpu_bench.py {name}",
+    }
+
+
+def run_point(name):
+    """In the point's own process: cap the allocator, train a few steps with finetune.py's code, measure."""
+    import torch
+
+    point = POINTS[name]
+    import finetune
+    from ds_config import DS_CONFIG
+
+    record = describe(name, point)
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        allocator_cap = (point["budget"] - OUTSIDE_ALLOCATOR_GIB) * 2**30
+        torch.cuda.set_per_process_memory_fraction(allocator_cap / total)
+    watcher = MemoryWatcher()
+
+    ds_config = merge(copy.deepcopy(DS_CONFIG), point.get("ds", {}))
+    finetune.TRAINING.update(per_device_train_batch_size=point["batch"],
+                             gradient_accumulation_steps=point["accumulation"],
+                             max_steps=point["steps"], logging_steps=1)
+    finetune.FILES["out_dir"] = "/tmp/bench-out"
+    arguments = finetune.training_arguments(ds_config)
+    model = build_gptj(arguments, point.get("config", {}))
+    samples = random_samples(point["batch"] * point["accumulation"] * point["steps"], model.config.vocab_size)
+    timer = StepTimer()
+    started = time.time()
+    finetune.train(model, None, samples, arguments, callbacks=[timer])  # no tokenizer: nothing is saved
+    watcher.stop()
+
+    micro = [m for m in timer.micro_steps if m["step"] == point["steps"]]  # the last, steady optimizer step
+    step_seconds = sum(m["seconds"] for m in micro)
+    plain = [m for m in micro if not m["boundary"]] or micro  # micro-steps without the optimizer step
+    micro_step_s = sum(m["seconds"] for m in plain) / len(plain)
+    forward_s = sum(m["forward_s"] for m in plain) / len(plain)
+    tokens = point["batch"] * point["accumulation"] * SEQ_LEN
+    tokens_per_s = tokens / step_seconds
+    peak_total_mib = watcher.peak_used / 2**20
+    record.update({
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_s": round(step_seconds, 2),
+        "micro_step_s": round(micro_step_s, 3),
+        "forward_s": round(forward_s, 3),
+        "backward_s": round(micro_step_s - forward_s, 3),
+        "optimizer_s": round(micro[-1]["seconds"] - micro_step_s, 3),  # the boundary micro-step's extra time
+        "mfu": round(tokens_per_s * 8 * model_parameters(model) / H100_BF16_FLOPS, 4),
+        "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20),
+        "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20),
+        "peak_total_gpu_mib": round(peak_total_mib),
+        "host_rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
+        "host_available_min_gib": round(watcher.min_available / 2**30, 1),
+        "losses": [entry["loss"] for entry in timer.logs if "loss" in entry],
+        "ok": peak_total_mib <= point["budget"] * 1024,
+        "train_wall_s": round(time.time() - started, 1),
+        "micro_steps": micro,
+    })
+    print("BENCH_RECORD " + json.dumps(record), flush=True)
+
+
+def build_gptj(arguments, overrides):
+    """GPT-J-6B's architecture with random weights, FP16, built partitioned (zero.Init) as from_pretrained would."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPTJConfig
+
+    config = GPTJConfig(use_cache=False, **overrides)  # the defaults are GPT-J-6B: 28 layers, 4096 wide, 50,400 tokens
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float16 if arguments.fp16 else torch.float32)
+
+
+def model_parameters(model):
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())  # 6.05e9
+
+
+def random_samples(count, vocab_size):
+    import torch
+    from datasets import Dataset, DatasetDict
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (count, SEQ_LEN), generator=generator).tolist()
+    train = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * SEQ_LEN] * count, "labels": ids})
+    return DatasetDict({"train": train, "validation": train.select([])})
+
+
+def merge(base, overrides):
+    for key, value in overrides.items():
+        base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+class MemoryWatcher:
+    """Polls the driver's view of GPU memory (whole process: allocator + context + NCCL) and host RAM."""
+
+    def __init__(self, every_s=0.05):
+        import torch
+
+        self.peak_used, self.min_available, self.running = 0, float("inf"), True
+        self.torch, self.every_s = torch, every_s
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def poll(self):
+        while self.running:
+            if self.torch.cuda.is_available():
+                free, total = self.torch.cuda.mem_get_info(0)
+                self.peak_used = max(self.peak_used, total - free)
+            self.min_available = min(self.min_available, host_available())
+            time.sleep(self.every_s)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+
+
+def host_available():
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def step_timer_class():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall time of every micro-step and of its forward pass (both synchronized with the GPU).
+        backward = micro-step - forward; the boundary micro-step also holds the optimizer step."""
+
+        def __init__(self):
+            self.micro_steps, self.logs, self.last, self.forward_s = [], [], None, 0.0
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.register_forward_pre_hook(lambda *_: setattr(self, "forward_started", self.now()))
+            model.register_forward_hook(lambda *_: setattr(self, "forward_s", self.now() - self.forward_started))
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.last = self.last or self.now()
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            self.record(state.global_step + 1, boundary=False)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.record(state.global_step, boundary=True)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs or {}))
+
+        def record(self, step, boundary):
+            now = self.now()
+            self.micro_steps.append({"step": step, "seconds": round(now - self.last, 3),
+                                     "forward_s": round(self.forward_s, 3), "boundary": boundary})
+            self.last = now
+
+        def now(self):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+    return StepTimer
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--point"]:
+        StepTimer = step_timer_class()
+        run_point(sys.argv[2])
+    else:
+        main(sys.argv[1:])
