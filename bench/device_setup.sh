@@ -1,9 +1,9 @@
 # Sourced at the start of a device run: the GPU machine's image has torch but not our pinned
 # transformers/deepspeed/datasets, so they come as wheels in .whl/ (git-ignored, see bench/RESULTS.md).
 set -e
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+[ -d /tmp/site/deepspeed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" > /tmp/cpu_adam_build.log 2>&1
+[ -d /tmp/torch_extensions/cpu_adam ] || python3 -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" > /tmp/cpu_adam_build.log 2>&1
 set +e

@@ -54,6 +54,7 @@ POINTS = {
     "ours-8": dict(settings="ours", budget=8, batch=2, accumulation=2, steps=1),
     "orig-8": dict(settings="original", budget=8, batch=1, accumulation=2, steps=1, ds=ORIGINAL_DS),
     # The code path on a CPU, with a 2-layer GPT-J: `DS_ACCELERATOR=cpu python bench/gpu_bench.py smoke-cpu`.
+    "ours-24x2": dict(settings="ours", budget=24, batch=10, accumulation=8, steps=2, gpus=2),
     "smoke-cpu": dict(settings="ours", budget=24, batch=2, accumulation=3, steps=2,
                       config=dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=2048, vocab_size=512)),
 }
@@ -75,6 +76,9 @@ def run_in_own_process(name):
     if POINTS[name]["settings"] == "ours":  # what finetune.main() sets; the original project did not
         environment["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     command = [sys.executable, __file__, "--point", name]
+    if POINTS[name].get("gpus", 1) > 1:  # through DeepSpeed's launcher, one process per GPU
+        command = ["deepspeed", "--num_gpus", str(POINTS[name]["gpus"]), "--master_port",
+                   environment["MASTER_PORT"], __file__, "--point", name]
     started = time.time()
     result = subprocess.run(command, env=environment, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH_RECORD ")]
@@ -102,7 +106,7 @@ def describe(name, point):
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {
-        "point": name, "settings": point["settings"], "gpu": gpu, "gpus": 1,
+        "point": name, "settings": point["settings"], "gpu": gpu, "gpus": point.get("gpus", 1),
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]},
@@ -121,11 +125,13 @@ def run_point(name):
     from ds_config import DS_CONFIG
 
     record = describe(name, point)
+    rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
+        torch.cuda.set_device(rank)  # the cap applies to the current device
         total = torch.cuda.get_device_properties(0).total_memory
         allocator_cap = (point["budget"] - OUTSIDE_ALLOCATOR_GIB) * 2**30
         torch.cuda.set_per_process_memory_fraction(allocator_cap / total)
-    watcher = MemoryWatcher()
+    watcher = MemoryWatcher(rank)
 
     ds_config = merge(copy.deepcopy(DS_CONFIG), point.get("ds", {}))
     finetune.TRAINING.update(per_device_train_batch_size=point["batch"],
@@ -134,7 +140,7 @@ def run_point(name):
     finetune.FILES["out_dir"] = "/tmp/bench-out"
     arguments = finetune.training_arguments(ds_config)
     model = build_gptj(arguments, point.get("config", {}))
-    samples = random_samples(point["batch"] * point["accumulation"] * point["steps"], model.config.vocab_size)
+    samples = random_samples(point["batch"] * point["accumulation"] * point["steps"] * gpus, model.config.vocab_size)
     timer = StepTimer()
     started = time.time()
     finetune.train(model, None, samples, arguments, callbacks=[timer])  # no tokenizer: nothing is saved
@@ -145,7 +151,7 @@ def run_point(name):
     plain = [m for m in micro if not m["boundary"]] or micro  # micro-steps without the optimizer step
     micro_step_s = sum(m["seconds"] for m in plain) / len(plain)
     forward_s = sum(m["forward_s"] for m in plain) / len(plain)
-    tokens = point["batch"] * point["accumulation"] * SEQ_LEN
+    tokens = point["batch"] * point["accumulation"] * gpus * SEQ_LEN
     tokens_per_s = tokens / step_seconds
     peak_total_mib = watcher.peak_used / 2**20
     record.update({
@@ -161,12 +167,14 @@ def run_point(name):
         "peak_total_gpu_mib": round(peak_total_mib),
         "host_rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
         "host_available_min_gib": round(watcher.min_available / 2**30, 1),
+        "host_used_peak_gib": round((host_meminfo("MemTotal:") - watcher.min_available) / 2**30, 1),  # all ranks
         "losses": [entry["loss"] for entry in timer.logs if "loss" in entry],
         "ok": peak_total_mib <= point["budget"] * 1024,
         "train_wall_s": round(time.time() - started, 1),
         "micro_steps": micro,
     })
-    print("BENCH_RECORD " + json.dumps(record), flush=True)
+    if rank == 0:
+        print("BENCH_RECORD " + json.dumps(record), flush=True)
 
 
 def build_gptj(arguments, overrides):
@@ -201,20 +209,20 @@ def merge(base, overrides):
 class MemoryWatcher:
     """Polls the driver's view of GPU memory (whole process: allocator + context + NCCL) and host RAM."""
 
-    def __init__(self, every_s=0.05):
+    def __init__(self, device, every_s=0.05):
         import torch
 
         self.peak_used, self.min_available, self.running = 0, float("inf"), True
-        self.torch, self.every_s = torch, every_s
+        self.torch, self.device, self.every_s = torch, device, every_s
         self.thread = threading.Thread(target=self.poll, daemon=True)
         self.thread.start()
 
     def poll(self):
         while self.running:
             if self.torch.cuda.is_available():
-                free, total = self.torch.cuda.mem_get_info(0)
+                free, total = self.torch.cuda.mem_get_info(self.device)  # this rank's GPU
                 self.peak_used = max(self.peak_used, total - free)
-            self.min_available = min(self.min_available, host_available())
+            self.min_available = min(self.min_available, host_meminfo("MemAvailable:"))
             time.sleep(self.every_s)
 
     def stop(self):
@@ -222,9 +230,9 @@ class MemoryWatcher:
         self.thread.join()
 
 
-def host_available():
+def host_meminfo(field):
     for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
+        if line.startswith(field):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -278,8 +286,8 @@ def free_port():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--point"]:
+    if "--point" in sys.argv:  # a point's own process (the launcher may add --local_rank=N first)
         StepTimer = step_timer_class()
-        run_point(sys.argv[2])
+        run_point(sys.argv[sys.argv.index("--point") + 1])
     else:
         main(sys.argv[1:])
