@@ -39,6 +39,7 @@ TRAINING = {
     "warmup_steps": 0,  # optimizer steps of linear warm-up from LR 0 (or a fraction of all steps if < 1)
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,  # gradient clipping
+    "bf16": False,  # bf16 instead of FP16 on cards that have it (RTX 30xx+, A100, H100): no loss-scale collapse
     "activation_checkpointing": True,  # recompute activations in backward: ~20 GiB less per sample for GPT-J
     "logging_steps": 1,  # print loss and LR every optimizer step
     "seed": 42,  # model-side randomness (data order, dropout); same seed, same run
@@ -110,7 +111,7 @@ def training_arguments(ds_config):
         # ZeRO-3: creating TrainingArguments with a ZeRO-3 config makes from_pretrained build the model
         # already partitioned (deepspeed.zero.Init), so no process ever holds all 12 GB of weights.
         deepspeed=ds_config,
-        fp16=on_gpu,  # FP16: on GPUs; CPUs have no FP16 kernels, so FP32 there
+        fp16=on_gpu and not TRAINING["bf16"],  # FP16: on GPUs; CPUs have no FP16 kernels, so FP32 there
         use_cpu=not on_gpu,
         eval_strategy="epoch",  # validation loss after every epoch ...
         eval_on_start=True,  # ... and once before the first step, to compare against
@@ -171,7 +172,8 @@ def load_model(model_settings, arguments):
     model = AutoModelForCausalLM.from_pretrained(
         model_settings["name"],
         revision=model_settings["revision"],
-        dtype=torch.float16 if arguments.fp16 else torch.float32,  # FP16: 2 bytes a parameter, 12 GB for GPT-J
+        # FP16: 2 bytes a parameter, 12 GB for GPT-J (the hub's float16 branch holds exactly these).
+        dtype=torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32,
         use_cache=False,  # the generation cache is useless in training and clashes with gradient checkpointing
     )
     return model

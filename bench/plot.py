@@ -1,0 +1,46 @@
+"""bench/results.json -> bench/results.png: per-device batch vs GPU memory, and vs tokens/s.
+
+    pip install matplotlib && python bench/plot.py
+"""
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in json.loads((HERE / "results.json").read_text()) if r.get("ok") and r["gpus"] == 1]
+    figure, (memory, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for settings, marker, color in (("ours", "o", "tab:blue"), ("original", "s", "tab:orange")):
+        points = sorted((r for r in records if r["settings"] == settings), key=lambda r: r["per_device_batch"])
+        batches = [r["per_device_batch"] for r in points]
+        memory.plot(batches, [r["peak_total_gpu_mib"] / 1024 for r in points], marker=marker, color=color,
+                    label=f"{settings}: whole process (driver)")
+        memory.plot(batches, [r["peak_allocated_mib"] / 1024 for r in points], marker=marker, color=color, linestyle=":",
+                    label=f"{settings}: PyTorch allocated")
+        steady = [r for r in points if r["grad_accum"] >= 8]
+        speed.plot([r["per_device_batch"] for r in steady], [r["tokens_per_s"] for r in steady], marker=marker, color=color,
+                   linestyle="none", markersize=9, label=f"{settings} (GA {', '.join(str(r['grad_accum']) for r in steady)})")
+    for budget in (8, 12, 16, 24):
+        memory.axhline(budget, color="grey", linewidth=0.6)
+        memory.text(0.6, budget + 0.2, f"{budget} GiB budget", fontsize=7, color="grey")
+    memory.set(xlabel="per-device batch (seq 2048)", ylabel="peak GPU memory, GiB", title="GPU memory vs batch")
+    speed.set(xlabel="per-device batch (seq 2048)", ylabel="tokens/s (steady optimizer step)",
+              title="Speed in a 24 GiB budget", ylim=(0, 4000), xlim=(0, 12))
+    memory.legend(fontsize=7)
+    speed.legend(fontsize=7, loc="lower right")
+    gpu = records[0]["gpu"] if records else "?"
+    figure.suptitle(f"GPT-J-6B, ZeRO-3 with CPU offload, one {gpu} (measured {records[0]['date'] if records else ''})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(HERE / "results.png", dpi=110)
+    print(f"wrote {HERE / 'results.png'}")
+
+
+if __name__ == "__main__":
+    main()
