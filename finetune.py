@@ -7,10 +7,12 @@ Every option is in the dicts below. The DeepSpeed settings are in ds_config.py. 
 specific to ZeRO-3 or FP16 are marked with `# ZeRO-3:` and `# FP16:`.
 """
 
+import errno
 import json
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -26,7 +28,19 @@ MODEL = {
 FILES = {
     "dataset_dir": token_split.SETTINGS["dataset_dir"],  # written by `python token_split.py`
     "out_dir": "out",  # the fine-tuned FP16 model + tokenizer; replaced only once a new one is complete
+    "checkpoint_dir": "checkpoints",  # resumable training state; removed once out/ is complete
 }
+
+# A killed run (OOM killer, power cut, Ctrl-C) continues from its newest complete checkpoint when
+# `deepspeed finetune.py` is run again. Delete checkpoint_dir (or set "resume": False) to start over.
+CHECKPOINTS = {
+    # Optimizer steps between checkpoints; None = never. Each costs about 16 bytes a parameter on disk,
+    # ~97 GB for GPT-J (fp32 master weights and Adam moments, 85 GB, + the FP16 model), and minutes to write.
+    "every_steps": 20,
+    "keep": 1,  # newest checkpoints kept; one more exists while the next is being written
+    "resume": True,  # False: start over even if checkpoint_dir holds checkpoints of this run
+}
+CHECKPOINT_BYTES_PER_PARAMETER = 16  # ZeRO's 2 (FP16) + 4 + 4 + 4 (fp32 master, Adam m, v) + 2 (16-bit model)
 
 # Passed straight to transformers.TrainingArguments.
 TRAINING = {
@@ -50,15 +64,20 @@ def main():
     # Lets the CUDA allocator grow segments instead of leaving reserved-but-unusable gaps: without it the
     # largest batch that fits 24 GiB was lower (fragmentation), measured in bench/.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the launcher's "stop" is handled like Ctrl-C
+    clear_stale_build_locks()
     metadata = check_dataset(FILES["dataset_dir"], MODEL)  # fails fast, before anything is loaded
     tokenizer = load_tokenizer(MODEL, metadata)
+    parameters = count_parameters(MODEL)
+    check_disk(parameters, FILES)
     arguments = training_arguments(DS_CONFIG)  # ZeRO-3: before the model, see load_model
     samples = load_samples(FILES["dataset_dir"])
+    checkpoint = find_checkpoint(FILES["checkpoint_dir"], run_identity(metadata, arguments), arguments)
     if arguments.process_index == 0:
         print(batch_plan(len(samples["train"]), TRAINING, arguments.world_size, MODEL["block_size"]))
     model = load_model(MODEL, arguments)
-    trainer = train(model, tokenizer, samples, arguments)
-    save(trainer, FILES["out_dir"], metadata)
+    trainer = train(model, tokenizer, samples, arguments, checkpoint)
+    save(trainer, FILES, metadata)
 
 
 def check_dataset(dataset_dir, model_settings):
@@ -107,7 +126,7 @@ def training_arguments(ds_config):
 
         deepspeed.init_distributed()  # several CPU processes need the process group before TrainingArguments
     return TrainingArguments(
-        output_dir=partial_folder(FILES["out_dir"]),  # the Trainer's scratch space; becomes out/ at the end
+        output_dir=FILES["checkpoint_dir"],  # where the Trainer writes checkpoint-<step>/ folders
         # ZeRO-3: creating TrainingArguments with a ZeRO-3 config makes from_pretrained build the model
         # already partitioned (deepspeed.zero.Init), so no process ever holds all 12 GB of weights.
         deepspeed=ds_config,
@@ -115,7 +134,9 @@ def training_arguments(ds_config):
         use_cpu=not on_gpu,
         eval_strategy="epoch",  # validation loss after every epoch ...
         eval_on_start=True,  # ... and once before the first step, to compare against
-        save_strategy="no",  # the model is saved once, at the end (see save)
+        save_strategy="steps" if CHECKPOINTS["every_steps"] else "no",  # out/ itself is written by save()
+        save_steps=CHECKPOINTS["every_steps"] or 1,
+        save_total_limit=CHECKPOINTS["keep"],
         report_to="none",  # no account-based trackers; the log is saved to out/finetune_log.json
         **TRAINING,
     )
@@ -179,7 +200,9 @@ def load_model(model_settings, arguments):
     return model
 
 
-def train(model, tokenizer, samples, arguments, callbacks=()):
+def train(model, tokenizer, samples, arguments, checkpoint=None, callbacks=()):
+    """Train, from `checkpoint` if given; failures that have a known cause stop with what to change."""
+    import torch
     from transformers import Trainer, default_data_collator
 
     validation = samples["validation"] if len(samples["validation"]) else None
@@ -195,26 +218,60 @@ def train(model, tokenizer, samples, arguments, callbacks=()):
         data_collator=default_data_collator,  # samples are already block_size long, with labels: just stack
         callbacks=list(callbacks),  # the GPU benchmark's step timer
     )
-    trainer.train()
+    arguments.eval_on_start = arguments.eval_on_start and checkpoint is None  # measured before the first run
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        stop("stopped by Ctrl-C (or the launcher)", trainer)
+    except torch.OutOfMemoryError:
+        stop(f"CUDA ran out of GPU memory at per_device_train_batch_size={TRAINING['per_device_train_batch_size']}. "
+             f"Lower it (README's table: measured to fit 8 GiB: 2, 12 GiB: 4, 16 GiB: 6, 24 GiB: 10) and raise "
+             f"gradient_accumulation_steps to keep the full batch", trainer)
+    except Exception as error:
+        if "loss scale already at minimum" not in str(error):
+            raise
+        stop("FP16 overflowed on every step until DeepSpeed's loss scale hit its minimum (the loss became inf/nan). "
+             "Lower TRAINING['learning_rate'], or set TRAINING['bf16'] = True on a card with bf16", trainer)
     return trainer
 
 
-def save(trainer, out_dir, metadata):
+def stop(reason, trainer):
+    """End a failed run with what happened, where the newest checkpoint is, and how to go on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C, or the launcher's SIGTERM, must not cut this short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    newest = find_complete_checkpoints(FILES["checkpoint_dir"])
+    where = (f"The newest complete checkpoint is {newest[-1]}: run `deepspeed finetune.py` again to continue from it "
+             f"(delete {FILES['checkpoint_dir']}/ to start over)." if newest else
+             "There is no checkpoint yet: the next run starts from the beginning.")
+    message = f"\nfinetune.py: {reason}. Stopped at optimizer step {trainer.state.global_step}. {where}"
+    raise SystemExit(message if trainer.is_local_process_zero() else 1)  # said once, by the first process
+
+
+def save(trainer, files, metadata):
     """Write the consolidated model + tokenizer beside out/, then swap it in, so that out/ is always a
-    complete model: a run killed while saving leaves the previous out/ (and a .partial folder) behind."""
+    complete model: a run killed while saving leaves the previous out/ (and a .partial folder) behind,
+    and its checkpoints, to resume from."""
+    out_dir = files["out_dir"]
     partial = partial_folder(out_dir)
     if trainer.is_world_process_zero():
         shutil.rmtree(partial, ignore_errors=True)  # left by an earlier run that was killed while saving
-    # ZeRO-3: every process must take part, since each holds a shard of the weights that is gathered
-    # into one 16-bit state dict (stage3_gather_16bit_weights_on_model_save); process 0 writes it.
-    trainer.save_model(partial)
-    if not trainer.is_world_process_zero():
-        return
-    results = summarize(trainer.state.log_history)
-    results["zero_stage"] = trainer.deepspeed.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
-    results["dataset"] = {key: metadata[key] for key in ("tokenizer", "block_size", "tokens", "counts", "created")}
-    (Path(partial) / "finetune_log.json").write_text(
-        json.dumps({**results, "log_history": trainer.state.log_history}, indent=1) + "\n")
+    try:
+        # ZeRO-3: every process must take part, since each holds a shard of the weights that is gathered
+        # into one 16-bit state dict (stage3_gather_16bit_weights_on_model_save); process 0 writes it.
+        trainer.save_model(partial)
+        if not trainer.is_world_process_zero():
+            return
+        results = summarize(trainer.state.log_history)
+        results["zero_stage"] = trainer.deepspeed.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
+        results["dataset"] = {key: metadata[key] for key in ("tokenizer", "block_size", "tokens", "counts", "created")}
+        (Path(partial) / "finetune_log.json").write_text(
+            json.dumps({**results, "log_history": trainer.state.log_history}, indent=1) + "\n")
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # half-written: free its space
+        stop(f"the disk filled up while writing the model to {partial}/ (the previous {out_dir}/, if any, is "
+             f"untouched). Free some space and run it again", trainer)
     old = Path(out_dir + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if Path(out_dir).exists():
@@ -222,9 +279,105 @@ def save(trainer, out_dir, metadata):
     os.replace(partial, out_dir)
     shutil.rmtree(old, ignore_errors=True)
     print(f"\nSaved the fine-tuned model and tokenizer to {out_dir}/ ({time.strftime('%H:%M:%S')}).")
+    if Path(files["checkpoint_dir"]).exists():
+        shutil.rmtree(files["checkpoint_dir"])  # the run is complete: its checkpoints only take disk space
+        print(f"Removed {files['checkpoint_dir']}/: the run is complete.")
     if "validation_loss_after" in results:
         print(f"Validation loss {results['validation_loss_before']:.4f} -> {results['validation_loss_after']:.4f}, "
               f"perplexity {results['validation_perplexity_before']:.2f} -> {results['validation_perplexity_after']:.2f}")
+
+
+def count_parameters(model_settings):
+    """The model's parameter count from its config alone (built on the 'meta' device: no memory, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_settings["name"], revision=model_settings["revision"])
+    with torch.device("meta"):
+        return sum(parameter.numel() for parameter in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def check_disk(parameters, files):
+    """Stop before training if the disks cannot hold the checkpoints and the final model."""
+    import torch
+
+    model_bytes = (2 if torch.cuda.is_available() else 4) * parameters  # FP16 on GPUs, FP32 on CPU
+    checkpoint_bytes = CHECKPOINT_BYTES_PER_PARAMETER * parameters
+    checkpoints_bytes = checkpoint_bytes * (CHECKPOINTS["keep"] + 1) if CHECKPOINTS["every_steps"] else 0
+    needs = {}  # per disk: (bytes needed, folders)
+    for folder, size in ((files["out_dir"], model_bytes), (files["checkpoint_dir"], checkpoints_bytes)):
+        disk = existing_parent(folder)
+        needed, folders = needs.get(disk.stat().st_dev, (0, []))
+        needs[disk.stat().st_dev] = (needed + size, folders + [folder])
+    for needed, folders in needs.values():
+        # What the run will replace (old checkpoints, the previous out/) counts as free.
+        replaced = sum(path.stat().st_size for folder in folders if Path(folder).exists()
+                       for path in Path(folder).rglob("*") if path.is_file())
+        free = shutil.disk_usage(existing_parent(folders[0])).free + replaced
+        if free < needed:
+            raise SystemExit(
+                f"finetune.py: the disk holding {' and '.join(f + '/' for f in folders)} has {free / 1e9:.3f} GB free, "
+                f"but this run needs {needed / 1e9:.3f} GB: the model ({model_bytes / 1e9:.3f} GB) and up to "
+                f"{CHECKPOINTS['keep'] + 1} checkpoints of {checkpoint_bytes / 1e9:.3f} GB. Free some space, point "
+                f"FILES at a larger disk, or set CHECKPOINTS['every_steps'] = None (no resume after a crash)."
+            )
+
+
+def existing_parent(folder):
+    path = Path(folder).resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def run_identity(metadata, arguments):
+    """What must not change between a run and its resumption: the data, the model, the settings."""
+    return {"dataset": {key: metadata[key] for key in ("created", "tokens", "block_size")},
+            "model": MODEL["name"], "training": TRAINING, "processes": arguments.world_size}
+
+
+def find_complete_checkpoints(checkpoint_dir):
+    """checkpoint-<step> folders in step order whose trainer_state.json, the last file the Trainer
+    writes into a checkpoint (after every process's DeepSpeed shards), exists."""
+    folders = sorted(Path(checkpoint_dir).glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    return [str(path) for path in folders if (path / "trainer_state.json").is_file()]
+
+
+def find_checkpoint(checkpoint_dir, identity, arguments):
+    """The newest complete checkpoint of this same run, or None to start from the beginning."""
+    folder, first = Path(checkpoint_dir), arguments.local_process_index == 0
+    complete = find_complete_checkpoints(checkpoint_dir)
+    for path in folder.glob("checkpoint-*"):
+        if str(path) not in complete and first:  # being written when the run was killed: never used
+            print(f"Removing {path}: an incomplete checkpoint (the run stopped while writing it).")
+            shutil.rmtree(path, ignore_errors=True)
+    run_file = folder / "run.json"
+    if complete and CHECKPOINTS["resume"]:
+        if not run_file.is_file() or json.loads(run_file.read_text()) != json.loads(json.dumps(identity)):
+            raise SystemExit(
+                f"finetune.py: {checkpoint_dir}/ holds checkpoints of a run with another dataset or other settings "
+                f"(see {run_file}). Delete {checkpoint_dir}/ to start over, or restore those settings to resume.")
+        if first:
+            print(f"Resuming from {complete[-1]} (delete {checkpoint_dir}/ to start over instead).")
+        return complete[-1]
+    if first:  # starting over: old checkpoints must not be mixed with the new run's
+        for path in complete:
+            shutil.rmtree(path, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(identity, indent=1) + "\n")
+    return None
+
+
+def clear_stale_build_locks(max_age_s=600):
+    """DeepSpeed compiles its ops on first use; a build killed half-way leaves a 'lock' file and every
+    later run then waits on it forever, silently. A build takes about a minute: older locks are stale."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in list(root.glob("*/lock")) + list(root.glob("*/*/lock")):
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            print(f"Removing {lock}: left by a DeepSpeed op build that was interrupted (it would hang this run).")
+            lock.unlink(missing_ok=True)
 
 
 def summarize(log_history):

@@ -45,7 +45,7 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def run_finetune(settings, gpus=1, timeout=600):
+def run_finetune(settings, gpus=1, timeout=600, expect_failure=False):
     """`deepspeed --num_gpus N tests/run_finetune.py settings.json`: finetune.main() through the real
     launcher, with finetune.py's dicts updated from `settings` ({"MODEL": {...}, "TRAINING": {...}})."""
     settings_file = Path(settings["FILES"]["out_dir"] + ".settings.json")
@@ -55,7 +55,11 @@ def run_finetune(settings, gpus=1, timeout=600):
     environment.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     command = ["deepspeed", "--num_gpus", str(gpus), "--master_port", str(free_port()),
                str(REPO / "tests" / "run_finetune.py"), str(settings_file)]
-    result = subprocess.run(command, env=environment, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
+    # A session of its own, like a terminal's foreground job: a Ctrl-C test signals this group, not pytest.
+    result = subprocess.run(command, env=environment, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            start_new_session=True)
+    if expect_failure:
+        assert result.returncode != 0, "the run was expected to die"
+    elif result.returncode != 0:
         raise AssertionError(f"finetune failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
     return result.stdout + result.stderr

@@ -32,7 +32,8 @@ def make_dataset(tmp_path, tiny_model, configure, block_size=BLOCK_SIZE):
 def settings_for(tmp_path, tiny_model, dataset_dir, **training):
     return {
         "MODEL": {"name": tiny_model, "revision": None, "block_size": BLOCK_SIZE},
-        "FILES": {"dataset_dir": dataset_dir, "out_dir": str(tmp_path / "out")},
+        "FILES": {"dataset_dir": dataset_dir, "out_dir": str(tmp_path / "out"),
+                  "checkpoint_dir": str(tmp_path / "checkpoints")},
         "TRAINING": {**TRAINING, **training},
     }
 

@@ -1,0 +1,158 @@
+"""A run killed at any moment resumes to the same result; Ctrl-C stops cleanly; failures say what to do.
+
+Each run goes through the real `deepspeed` launcher with ZeRO-3 on CPU. Kills are real SIGKILLs (what
+the OOM killer or a power cut does), sent by the run to itself at a chosen moment (tests/run_finetune.py).
+"""
+
+import json
+import subprocess
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import finetune
+from conftest import run_finetune
+from test_finetune import make_dataset, settings_for
+
+# 52 samples, full batch 8: 7 optimizer steps per epoch, 14 in all; a checkpoint every 3 steps.
+RUN = {"num_train_epochs": 2, "learning_rate": 3e-3}
+CHECKPOINTS = {"every_steps": 3, "keep": 1}
+# Resumed and uninterrupted runs do the same float operations in the same order on the same data, with
+# the optimizer state restored in fp32: measured gap 0. The tolerance only allows for thread scheduling.
+TOLERANCE = 1e-6
+
+
+def settings(tmp_path, tiny_model, dataset_dir, **extra):
+    return {**settings_for(tmp_path, tiny_model, dataset_dir, **RUN), "CHECKPOINTS": CHECKPOINTS, **extra}
+
+
+def step_losses(out_dir):
+    log = json.loads((out_dir / "finetune_log.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in log if "loss" in entry}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tiny_model):
+    tmp_path = tmp_path_factory.mktemp("resume-data")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        configure = lambda settings_dict, **values: [monkeypatch.setitem(settings_dict, k, v) for k, v in values.items()]
+        return make_dataset(tmp_path, tiny_model, configure)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model, dataset):
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    run_finetune(settings(tmp_path, tiny_model, dataset))
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), step_losses(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kill, resumes_from", [
+    ({"after_step": 5}, "checkpoint-3"),  # mid-training, between checkpoints
+    ({"in_checkpoint": 6}, "checkpoint-3"),  # while checkpoint-6 was being written: it must not be used
+    ({"in_final_save": True}, "checkpoint-14"),  # out.partial/ written, not yet swapped in (the Trainer
+    # also checkpoints the last step)
+])
+def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model, dataset, uninterrupted, kill, resumes_from):
+    reference_weights, reference_losses = uninterrupted
+    run_finetune(settings(tmp_path, tiny_model, dataset, KILL=kill), expect_failure=True)
+    assert not (tmp_path / "out").exists()  # nothing that looks like a finished model
+    if "in_checkpoint" in kill:
+        assert (tmp_path / "checkpoints" / "checkpoint-6").is_dir()
+        assert not (tmp_path / "checkpoints" / "checkpoint-6" / "trainer_state.json").exists()
+
+    output = run_finetune(settings(tmp_path, tiny_model, dataset))  # the same command again, nothing else
+    assert f"Resuming from {tmp_path / 'checkpoints' / resumes_from}" in output
+    weights = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    gap = max((weights[name] - reference_weights[name]).abs().max().item() for name in reference_weights)
+    print(f"{kill}: largest weight gap to the uninterrupted run {gap:.1e}")
+    assert gap <= TOLERANCE
+    # Every optimizer step happened once, on the same samples: the same loss at every step.
+    losses = step_losses(tmp_path / "out")
+    assert sorted(losses) == list(range(1, 15))
+    assert losses == pytest.approx(reference_losses, abs=TOLERANCE)
+    assert not (tmp_path / "checkpoints").exists()  # removed once out/ is complete
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, tiny_model, dataset, uninterrupted):
+    output = run_finetune(settings(tmp_path, tiny_model, dataset, KILL={"ctrl_c_after_step": 7}),
+                          expect_failure=True)
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-6"
+    assert "finetune.py: stopped by Ctrl-C (or the launcher). Stopped at optimizer step 7." in output
+    assert f"The newest complete checkpoint is {checkpoint}: run `deepspeed finetune.py` again" in output
+    # Our process ends with that message and no traceback (DeepSpeed's own `deepspeed` runner prints a
+    # KeyboardInterrupt traceback of its wait() after it; README says so).
+    assert "Traceback" not in output.split("finetune.py: stopped by Ctrl-C")[0]
+    assert 'finetune.py", line' not in output
+    assert not (tmp_path / "out").exists()
+    output = run_finetune(settings(tmp_path, tiny_model, dataset))
+    assert f"Resuming from {checkpoint}" in output
+    weights = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert all(torch.allclose(weights[n], w, atol=TOLERANCE) for n, w in uninterrupted[0].items())
+
+
+def test_checkpoints_of_another_run_are_refused(tmp_path, tiny_model, dataset):
+    run_finetune(settings(tmp_path, tiny_model, dataset, KILL={"after_step": 4}), expect_failure=True)
+    changed = settings(tmp_path, tiny_model, dataset)
+    changed["TRAINING"]["learning_rate"] = 1e-3
+    output = run_finetune(changed, expect_failure=True)
+    assert "holds checkpoints of a run with another dataset or other settings" in output
+    assert (tmp_path / "checkpoints" / "checkpoint-3" / "trainer_state.json").exists()  # left alone
+
+
+def test_resume_false_starts_over(tmp_path, tiny_model, dataset, uninterrupted):
+    run_finetune(settings(tmp_path, tiny_model, dataset, KILL={"after_step": 4}), expect_failure=True)
+    output = run_finetune(settings(tmp_path, tiny_model, dataset, CHECKPOINTS={**CHECKPOINTS, "resume": False}))
+    assert "Resuming" not in output
+    assert step_losses(tmp_path / "out") == pytest.approx(uninterrupted[1], abs=TOLERANCE)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs): what a full disk looks like to the program."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)])
+
+
+def test_disk_too_small_for_checkpoints_stops_before_loading(tmp_path, tiny_model, dataset, configure, small_disk):
+    # 1 MiB holds the tiny model's ~0.6 MB FP32 weights but not two of its ~2.5 MB checkpoints.
+    for name, values in settings(tmp_path, tiny_model, dataset).items():
+        configure(getattr(finetune, name), **values)
+    configure(finetune.FILES, checkpoint_dir=str(small_disk / "checkpoints"), out_dir=str(small_disk / "out"))
+    with pytest.raises(SystemExit, match=r"small-disk/out/ and .*small-disk/checkpoints/ has 0.001 GB free, but "
+                                         r"this run needs 0.00\d GB"):
+        finetune.main()
+    assert list(small_disk.iterdir()) == []  # nothing written
+
+
+def test_disk_full_while_saving_keeps_the_previous_model(tmp_path, tiny_model, dataset, small_disk):
+    (small_disk / "out").mkdir()
+    (small_disk / "out" / "config.json").write_text("{}")  # stands for the previous model
+    run = settings(tmp_path, tiny_model, dataset, CHECKPOINTS={"every_steps": None},
+                   KILL={"fill_disk_at_end": str(small_disk)})
+    run["FILES"]["out_dir"] = str(small_disk / "out")
+    output = run_finetune(run, expect_failure=True)
+    assert f"finetune.py: the disk filled up while writing the model to {small_disk / 'out.partial'}/" in output
+    assert "There is no checkpoint yet" in output
+    assert (small_disk / "out" / "config.json").read_text() == "{}"  # the previous out/ is untouched
+    assert not (small_disk / "out.partial").exists()
+
+
+def test_stale_op_build_lock_is_cleared(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "cpu_adam" / "lock", tmp_path / "fused_adam" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    hour_ago = time.time() - 3600
+    import os
+    os.utime(stale, (hour_ago, hour_ago))  # left by a build killed an hour ago
+    finetune.clear_stale_build_locks()
+    assert not stale.exists() and fresh.exists()  # a build running right now keeps its lock
+    assert "left by a DeepSpeed op build that was interrupted" in capsys.readouterr().out
