@@ -32,7 +32,7 @@ def use_demo_settings():
                                 tokenizer=f"{work}/tiny-gptj", block_size=DEMO["block_size"],
                                 validation_share=0.1)
     finetune.MODEL.update(name=f"{work}/tiny-gptj", revision=None, block_size=DEMO["block_size"])
-    finetune.FILES.update(dataset_dir=f"{work}/dataset", out_dir=f"{work}/out")
+    finetune.FILES.update(dataset_dir=f"{work}/dataset", out_dir=f"{work}/out", checkpoint_dir=f"{work}/checkpoints")
     finetune.TRAINING.update(
         per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
         num_train_epochs=12,  # 3,700 tokens: many passes, a second each (more overfits: validation loss rises)

@@ -42,6 +42,22 @@ CHECKPOINTS = {
 }
 CHECKPOINT_BYTES_PER_PARAMETER = 16  # ZeRO's 2 (FP16) + 4 + 4 + 4 (fp32 master, Adam m, v) + 2 (16-bit model)
 
+# What a run needs, measured with this code on GPT-J-6B (bench/RESULTS.md: H200, seq 2048, params and
+# optimizer offloaded). finetune.py checks them against the machine before loading any weights.
+MEASURED = {
+    "host_bytes_per_parameter": 24.2,  # peak host RSS: 136.4 GiB / 6.05e9 parameters, whatever the batch
+    "gpu_mib_fixed": 2993,  # whole process (allocator + CUDA context), batch-independent part
+    "gpu_mib_per_sample": 2105,  # whole process, per sample of 2048 tokens (batches 2-10 measured)
+    "parameters": 6.05e9,  # the GPU figures hold for GPT-J-6B only
+}
+
+# The machine to plan for. None = this machine (host: MemAvailable + free swap; GPU: the card's memory).
+# Set numbers to see what a run needs on another machine, or to override a wrong reading.
+PLAN = {
+    "host_ram_gib": None,
+    "gpu_memory_gib": None,
+}
+
 # Passed straight to transformers.TrainingArguments.
 TRAINING = {
     "per_device_train_batch_size": 1,  # samples per GPU per micro-step; GPU memory grows with it (README)
@@ -67,14 +83,17 @@ def main():
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the launcher's "stop" is handled like Ctrl-C
     clear_stale_build_locks()
     metadata = check_dataset(FILES["dataset_dir"], MODEL)  # fails fast, before anything is loaded
-    tokenizer = load_tokenizer(MODEL, metadata)
     parameters = count_parameters(MODEL)
-    check_disk(parameters, FILES)
+    memory_plan = check_memory(parameters, MODEL["block_size"])
+    disk_plan = check_disk(parameters, FILES)
+    tokenizer = load_tokenizer(MODEL, metadata)
     arguments = training_arguments(DS_CONFIG)  # ZeRO-3: before the model, see load_model
     samples = load_samples(FILES["dataset_dir"])
     checkpoint = find_checkpoint(FILES["checkpoint_dir"], run_identity(metadata, arguments), arguments)
     if arguments.process_index == 0:
         print(batch_plan(len(samples["train"]), TRAINING, arguments.world_size, MODEL["block_size"]))
+        print(memory_plan)
+        print(disk_plan)
     model = load_model(MODEL, arguments)
     trainer = train(model, tokenizer, samples, arguments, checkpoint)
     save(trainer, FILES, metadata)
@@ -104,9 +123,8 @@ def load_tokenizer(model_settings, metadata):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_settings["name"], revision=model_settings["revision"])
-    probe = tokenizer("Hello world, naïve café 123\n", add_special_tokens=False)["input_ids"]
-    if (len(tokenizer), tokenizer.eos_token_id, probe) != (
-            metadata["vocab_size"], metadata["eos_token_id"], metadata["tokenizer_probe"]):
+    facts = token_split.tokenizer_facts(tokenizer)
+    if facts != {key: metadata[key] for key in facts}:
         raise SystemExit(
             f"finetune.py: the dataset was tokenized with '{metadata['tokenizer']}' ({metadata['vocab_size']} tokens), "
             f"which is not the tokenizer of '{model_settings['name']}' ({len(tokenizer)} tokens). Set token_split.py's "
@@ -224,8 +242,9 @@ def train(model, tokenizer, samples, arguments, checkpoint=None, callbacks=()):
     except KeyboardInterrupt:
         stop("stopped by Ctrl-C (or the launcher)", trainer)
     except torch.OutOfMemoryError:
+        fits = largest_batch(gpu_memory_gib(), MODEL["block_size"])
         stop(f"CUDA ran out of GPU memory at per_device_train_batch_size={TRAINING['per_device_train_batch_size']}. "
-             f"Lower it (README's table: measured to fit 8 GiB: 2, 12 GiB: 4, 16 GiB: 6, 24 GiB: 10) and raise "
+             f"Lower it (measured on GPT-J-6B: {fits} fits this {gpu_memory_gib():.0f} GiB card) and raise "
              f"gradient_accumulation_steps to keep the full batch", trainer)
     except Exception as error:
         if "loss scale already at minimum" not in str(error):
@@ -297,8 +316,57 @@ def count_parameters(model_settings):
         return sum(parameter.numel() for parameter in AutoModelForCausalLM.from_config(config).parameters())
 
 
+def check_memory(parameters, block_size):
+    """Stop before loading if host RAM or GPU memory cannot hold the run (from MEASURED); else say what it takes."""
+    host_needed = MEASURED["host_bytes_per_parameter"] * parameters / 2**30
+    host_available = PLAN["host_ram_gib"] or (meminfo("MemAvailable") + meminfo("SwapFree")) / 2**30
+    lines = [f"Host RAM: ~{host_needed:.1f} GiB at peak (ZeRO-3 keeps ~{MEASURED['host_bytes_per_parameter']} bytes "
+             f"a parameter on the host), {host_available:.1f} GiB available (free RAM + swap)."]
+    if host_needed > host_available:
+        raise SystemExit(
+            f"finetune.py: this run needs ~{host_needed:.0f} GiB of host RAM at its peak: parameters and optimizer "
+            f"are offloaded to the host, ~{MEASURED['host_bytes_per_parameter']} bytes for each of the model's "
+            f"{parameters / 1e9:.2f} billion parameters (measured: 136 GiB for GPT-J-6B), whatever the batch size. "
+            f"This machine has {host_available:.0f} GiB (free RAM + swap): the kernel's OOM killer would stop the "
+            f"run minutes in. Use a machine with more RAM, or add swap (slow but it runs).")
+    gpu = gpu_memory_gib()
+    if gpu and abs(parameters / MEASURED["parameters"] - 1) < 0.05:  # measured for GPT-J-6B only
+        batch = TRAINING["per_device_train_batch_size"]
+        gpu_needed = (MEASURED["gpu_mib_fixed"] + MEASURED["gpu_mib_per_sample"] * batch * block_size / 2048) / 1024
+        lines.append(f"GPU memory: ~{gpu_needed:.1f} GiB per GPU at per_device_train_batch_size={batch}, "
+                     f"{gpu:.1f} GiB on the card.")
+        if gpu_needed > gpu:
+            raise SystemExit(
+                f"finetune.py: per_device_train_batch_size={batch} needs ~{gpu_needed:.1f} GiB of GPU memory "
+                f"(measured on GPT-J-6B), but the GPU has {gpu:.1f} GiB. Set it to "
+                f"{largest_batch(gpu, block_size)} or less, and raise gradient_accumulation_steps to keep the full batch.")
+    return "\n".join(lines)
+
+
+def largest_batch(gpu_gib, block_size):
+    per_sample = MEASURED["gpu_mib_per_sample"] * block_size / 2048
+    return max(0, int((gpu_gib * 1024 - MEASURED["gpu_mib_fixed"]) // per_sample))
+
+
+def gpu_memory_gib():
+    """The plan's GPU memory: PLAN's, else this process's card's, else None (no GPU)."""
+    import torch
+
+    if PLAN["gpu_memory_gib"] or not torch.cuda.is_available():
+        return PLAN["gpu_memory_gib"]
+    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
+
+
+def meminfo(field):
+    """A /proc/meminfo field in bytes (Linux)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def check_disk(parameters, files):
-    """Stop before training if the disks cannot hold the checkpoints and the final model."""
+    """Stop before training if the disks cannot hold the checkpoints and the final model; else say what they take."""
     import torch
 
     model_bytes = (2 if torch.cuda.is_available() else 4) * parameters  # FP16 on GPUs, FP32 on CPU
@@ -321,6 +389,10 @@ def check_disk(parameters, files):
                 f"{CHECKPOINTS['keep'] + 1} checkpoints of {checkpoint_bytes / 1e9:.3f} GB. Free some space, point "
                 f"FILES at a larger disk, or set CHECKPOINTS['every_steps'] = None (no resume after a crash)."
             )
+    if not CHECKPOINTS["every_steps"]:
+        return f"Disk: {model_bytes / 1e9:.1f} GB for the model; no checkpoints (a killed run starts over)."
+    return (f"Disk: {model_bytes / 1e9:.1f} GB for the model, up to {checkpoints_bytes / 1e9:.1f} GB of checkpoints "
+            f"({CHECKPOINTS['keep'] + 1} x {checkpoint_bytes / 1e9:.1f} GB, every {CHECKPOINTS['every_steps']} steps).")
 
 
 def existing_parent(folder):

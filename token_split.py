@@ -198,10 +198,7 @@ def describe(settings, tokenizer, documents, skipped, token_lists, splits, split
     }
     return {
         "tokenizer": settings["tokenizer"],
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        # A short text's ids: two tokenizers that agree on it (and on size and EOS) are taken to be the same.
-        "tokenizer_probe": tokenizer("Hello world, naïve café 123\n", add_special_tokens=False)["input_ids"],
+        **tokenizer_facts(tokenizer),
         "block_size": settings["block_size"],
         "validation_share": settings["validation_share"],
         "seed": settings["seed"],
@@ -213,6 +210,15 @@ def describe(settings, tokenizer, documents, skipped, token_lists, splits, split
         "files": [{"path": name, "tokens": len(tokens)} for (name, _), tokens in zip(documents, token_lists)],
         "skipped_files": skipped,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def tokenizer_facts(tokenizer):
+    """Size, EOS and a short text's ids: two tokenizers that agree on these are taken to be the same."""
+    return {
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "tokenizer_probe": tokenizer("Hello world, naïve café 123\n", add_special_tokens=False)["input_ids"],
     }
 
 

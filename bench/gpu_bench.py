@@ -137,7 +137,8 @@ def run_point(name):
     finetune.TRAINING.update(per_device_train_batch_size=point["batch"],
                              gradient_accumulation_steps=point["accumulation"],
                              max_steps=point["steps"], logging_steps=1)
-    finetune.FILES["out_dir"] = "/tmp/bench-out"
+    finetune.FILES.update(out_dir="/tmp/bench-out", checkpoint_dir="/tmp/bench-checkpoints")
+    finetune.CHECKPOINTS["every_steps"] = None  # a GPT-J checkpoint is ~97 GB: not what is measured here
     arguments = finetune.training_arguments(ds_config)
     model = build_gptj(arguments, point.get("config", {}))
     samples = random_samples(point["batch"] * point["accumulation"] * point["steps"] * gpus, model.config.vocab_size)

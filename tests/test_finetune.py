@@ -57,6 +57,8 @@ def test_validation_loss_goes_down_and_out_reloads_without_deepspeed(trained, ti
     assert after < before - 0.3, (before, after)
     assert math.isclose(log["validation_perplexity_after"], math.exp(after))
     assert f"Validation loss {before:.4f} -> {after:.4f}" in output
+    assert "Host RAM: ~0.0 GiB at peak" in output  # the plan, printed before loading
+    assert "Disk: 0.0 GB for the model, up to 0.0 GB of checkpoints (2 x 0.0 GB, every 20 steps)." in output
     assert not (tmp_path / "out.partial").exists()
 
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers, no DeepSpeed

@@ -1,0 +1,59 @@
+"""The plan finetune.py makes before loading any weights: host RAM and GPU memory for GPT-J-6B.
+
+A GPT-J-6B is described by its config alone (GPTJConfig() defaults, no weights), and the machine by
+finetune.PLAN: the same code path a user's run takes, up to the point where it would load 12 GB.
+"""
+
+import pytest
+from transformers import GPTJConfig
+
+import finetune
+from test_finetune import make_dataset
+
+
+@pytest.fixture
+def gptj_6b_run(tmp_path, tiny_model, configure):
+    """finetune.py pointed at a GPT-J-6B config (6.05e9 parameters) and a small dataset."""
+    GPTJConfig().save_pretrained(tmp_path / "gpt-j-6B-config-only")
+    dataset_dir = make_dataset(tmp_path, tiny_model, configure)
+    configure(finetune.MODEL, name=str(tmp_path / "gpt-j-6B-config-only"), revision=None, block_size=64)
+    configure(finetune.FILES, dataset_dir=dataset_dir, out_dir=str(tmp_path / "out"),
+              checkpoint_dir=str(tmp_path / "checkpoints"))
+    return tmp_path
+
+
+def test_counts_gptj_6b_without_loading_it(gptj_6b_run):
+    assert finetune.count_parameters(finetune.MODEL) == pytest.approx(6.05e9, rel=0.01)
+
+
+def test_desktop_with_64_gib_ram_is_stopped_before_loading(gptj_6b_run, configure):
+    configure(finetune.PLAN, host_ram_gib=64, gpu_memory_gib=24)
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main()
+    message = str(stopped.value)
+    print(message)
+    assert "needs ~136 GiB of host RAM at its peak" in message
+    assert "This machine has 64 GiB (free RAM + swap)" in message
+    assert not (gptj_6b_run / "checkpoints").exists()  # stopped before anything was written
+
+
+def test_too_large_batch_is_stopped_with_the_batch_that_fits(gptj_6b_run, configure):
+    configure(finetune.PLAN, host_ram_gib=256, gpu_memory_gib=24)
+    configure(finetune.TRAINING, per_device_train_batch_size=12)
+    configure(finetune.MODEL, block_size=2048)
+    with pytest.raises(SystemExit, match=r"per_device_train_batch_size=12 needs ~27.6 GiB .* the GPU has 24.0 GiB. "
+                                         r"Set it to 10 or less"):
+        finetune.check_memory(finetune.count_parameters(finetune.MODEL), 2048)
+
+
+@pytest.mark.parametrize("gpu_gib, batch", [(8, 2), (12, 4), (16, 6), (24, 10)])
+def test_plan_agrees_with_the_measured_table(gpu_gib, batch):
+    assert finetune.largest_batch(gpu_gib, 2048) == batch  # README's table, bench/results.json
+
+
+def test_what_fits_is_said_not_stopped(configure):
+    configure(finetune.PLAN, host_ram_gib=256, gpu_memory_gib=24)
+    configure(finetune.TRAINING, per_device_train_batch_size=10)
+    plan = finetune.check_memory(6.05e9, 2048)
+    assert "Host RAM: ~136.4 GiB at peak" in plan and "256.0 GiB available" in plan
+    assert "GPU memory: ~23.5 GiB per GPU at per_device_train_batch_size=10, 24.0 GiB on the card." in plan
