@@ -25,6 +25,18 @@ MODEL = {
     "block_size": 2048,  # tokens per sample; the dataset must have been cut to it (token_split.py)
 }
 
+# LoRA instead of full fine-tuning: None = full fine-tuning (all 6 billion parameters, ZeRO-3).
+# A dict trains small adapter matrices beside the chosen layers with PEFT, and no DeepSpeed: the frozen
+# FP16 model (12 GB) sits on the GPU and the optimizer state is tiny, so host RAM is not the limit.
+# At the end the adapters are merged in, so out/ is a plain FP16 model like a full fine-tune's.
+LORA = None
+# LORA = {
+#     "r": 16,  # rank of each adapter: more = more capacity and memory
+#     "lora_alpha": 32,  # adapter scale (alpha / r)
+#     "lora_dropout": 0.05,
+#     "target_modules": ["q_proj", "v_proj"],  # GPT-J's attention query and value projections
+# }
+
 FILES = {
     "dataset_dir": token_split.SETTINGS["dataset_dir"],  # written by `python token_split.py`
     "out_dir": "out",  # the fine-tuned FP16 model + tokenizer; replaced only once a new one is complete
@@ -84,10 +96,11 @@ def main():
     clear_stale_build_locks()
     metadata = check_dataset(FILES["dataset_dir"], MODEL)  # fails fast, before anything is loaded
     parameters = count_parameters(MODEL)
-    memory_plan = check_memory(parameters, MODEL["block_size"])
+    memory_plan = check_memory(parameters, MODEL["block_size"]) if LORA is None else \
+        "Memory: LoRA's host RAM and GPU memory have not been measured with this code yet."
     disk_plan = check_disk(parameters, FILES)
     tokenizer = load_tokenizer(MODEL, metadata)
-    arguments = training_arguments(DS_CONFIG)  # ZeRO-3: before the model, see load_model
+    arguments = training_arguments(DS_CONFIG if LORA is None else None)  # ZeRO-3: before the model, see load_model
     samples = load_samples(FILES["dataset_dir"])
     checkpoint = find_checkpoint(FILES["checkpoint_dir"], run_identity(metadata, arguments), arguments)
     if arguments.process_index == 0:
@@ -97,6 +110,7 @@ def main():
     model = load_model(MODEL, arguments)
     trainer = train(model, tokenizer, samples, arguments, checkpoint)
     save(trainer, FILES, metadata)
+    leave_together()
 
 
 def check_dataset(dataset_dir, model_settings):
@@ -215,6 +229,11 @@ def load_model(model_settings, arguments):
         dtype=torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32,
         use_cache=False,  # the generation cache is useless in training and clashes with gradient checkpointing
     )
+    if LORA is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))  # adapters kept in fp32
+        model.print_trainable_parameters()
     return model
 
 
@@ -277,7 +296,11 @@ def save(trainer, files, metadata):
     try:
         # ZeRO-3: every process must take part, since each holds a shard of the weights that is gathered
         # into one 16-bit state dict (stage3_gather_16bit_weights_on_model_save); process 0 writes it.
-        trainer.save_model(partial)
+        if LORA is None:
+            trainer.save_model(partial)
+        elif trainer.is_world_process_zero():  # the adapters merged in: a plain model, no PEFT needed to load it
+            trainer.model.merge_and_unload().save_pretrained(partial)
+            trainer.processing_class.save_pretrained(partial)
         if not trainer.is_world_process_zero():
             return
         results = summarize(trainer.state.log_history)
@@ -304,6 +327,16 @@ def save(trainer, files, metadata):
     if "validation_loss_after" in results:
         print(f"Validation loss {results['validation_loss_before']:.4f} -> {results['validation_loss_after']:.4f}, "
               f"perplexity {results['validation_perplexity_before']:.2f} -> {results['validation_perplexity_after']:.2f}")
+
+
+def leave_together():
+    """Every process waits until the first has written out/, then the process group is closed: one that
+    exits while another still talks to it can abort ("terminate called without an active exception")."""
+    import torch.distributed as distributed
+
+    if distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()
 
 
 def count_parameters(model_settings):
@@ -370,7 +403,7 @@ def check_disk(parameters, files):
     import torch
 
     model_bytes = (2 if torch.cuda.is_available() else 4) * parameters  # FP16 on GPUs, FP32 on CPU
-    checkpoint_bytes = CHECKPOINT_BYTES_PER_PARAMETER * parameters
+    checkpoint_bytes = CHECKPOINT_BYTES_PER_PARAMETER * parameters if LORA is None else 0.01 * model_bytes  # adapters
     checkpoints_bytes = checkpoint_bytes * (CHECKPOINTS["keep"] + 1) if CHECKPOINTS["every_steps"] else 0
     needs = {}  # per disk: (bytes needed, folders)
     for folder, size in ((files["out_dir"], model_bytes), (files["checkpoint_dir"], checkpoints_bytes)):
@@ -405,7 +438,7 @@ def existing_parent(folder):
 def run_identity(metadata, arguments):
     """What must not change between a run and its resumption: the data, the model, the settings."""
     return {"dataset": {key: metadata[key] for key in ("created", "tokens", "block_size")},
-            "model": MODEL["name"], "training": TRAINING, "processes": arguments.world_size}
+            "model": MODEL["name"], "training": TRAINING, "lora": LORA, "processes": arguments.world_size}
 
 
 def find_complete_checkpoints(checkpoint_dir):

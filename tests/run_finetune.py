@@ -68,6 +68,9 @@ def arm(kill):
 if __name__ == "__main__":
     settings = json.loads(Path(sys.argv[-1]).read_text())  # the launcher puts --local_rank=N before it
     arm(settings.pop("KILL", {}))
-    for dict_name, values in settings.items():
-        getattr(finetune, dict_name).update(values)
+    for name, values in settings.items():
+        if isinstance(getattr(finetune, name), dict):
+            getattr(finetune, name).update(values)
+        else:  # LORA, None by default
+            setattr(finetune, name, values)
     finetune.main()

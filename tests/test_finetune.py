@@ -162,3 +162,22 @@ def test_two_processes_train_and_save_one_model(tmp_path, tiny_model, configure)
     log = json.loads((tmp_path / "out" / "finetune_log.json").read_text())
     assert log["validation_loss_after"] < log["validation_loss_before"] - 0.3
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_lora_trains_adapters_and_saves_a_plain_merged_model(tmp_path, tiny_model, configure):
+    """LORA set: PEFT adapters, no DeepSpeed; out/ holds the merged model. The tiny model is random, so the
+    adapters also go on its output layer (q_proj and v_proj alone barely move a random model's loss)."""
+    dataset_dir = make_dataset(tmp_path, tiny_model, configure)
+    lora = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "lm_head"]}
+    run = {**settings_for(tmp_path, tiny_model, dataset_dir, learning_rate=1e-2), "LORA": lora}
+    output = run_finetune(run)
+    assert "trainable params" in output
+    log = json.loads((tmp_path / "out" / "finetune_log.json").read_text())
+    assert log["zero_stage"] is None  # plain Trainer
+    assert log["validation_loss_after"] < log["validation_loss_before"] - 0.1
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()  # no PEFT needed to load it
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert tuned.keys() == base.keys()  # merged: no lora_A / lora_B left
+    changed = {name for name in base if not torch.equal(tuned[name], base[name])}
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight", "lm_head.weight")) for name in changed)
+    assert "lm_head.weight" in changed and any(name.endswith("q_proj.weight") for name in changed)
