@@ -265,6 +265,11 @@ def train(model, tokenizer, samples, arguments, checkpoint=None, callbacks=()):
         stop(f"CUDA ran out of GPU memory at per_device_train_batch_size={TRAINING['per_device_train_batch_size']}. "
              f"Lower it (measured on GPT-J-6B: {fits} fits this {gpu_memory_gib():.0f} GiB card) and raise "
              f"gradient_accumulation_steps to keep the full batch", trainer)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        stop(f"the disk filled up while writing a checkpoint to {FILES['checkpoint_dir']}/. Free some space "
+             f"(or lower CHECKPOINTS['keep']) and run it again", trainer)
     except Exception as error:
         if "loss scale already at minimum" not in str(error):
             raise

@@ -63,3 +63,7 @@ def run_finetune(settings, gpus=1, timeout=600, expect_failure=False):
     elif result.returncode != 0:
         raise AssertionError(f"finetune failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
     return result.stdout + result.stderr
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "disk_size(size): size of the small_disk tmpfs, e.g. '32m'")

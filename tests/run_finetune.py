@@ -9,8 +9,9 @@ does: no handler runs, nothing is flushed) at a chosen moment:
   {"in_final_save": true} after out.partial/ is written, before it becomes out/
 or, like Ctrl-C in a terminal, sends SIGINT to its whole process group (launcher included):
   {"ctrl_c_after_step": N}
-or fills the disk that holds a folder, leaving 4 KiB, when training ends and the final save begins:
-  {"fill_disk_at_end": "path/to/folder"}
+or fills the disk that holds a folder, leaving 4 KiB, after optimizer step N or when training ends
+(the final save begins):
+  {"fill_disk": "path/to/folder", "after_step": N}   {"fill_disk": "path/to/folder"}
 """
 
 import json
@@ -27,7 +28,7 @@ def kill_self(*_, **__):
 
 
 def arm(kill):
-    if "after_step" in kill or "ctrl_c_after_step" in kill:
+    if ("after_step" in kill and "fill_disk" not in kill) or "ctrl_c_after_step" in kill:
         from transformers import TrainerCallback
 
         class KillAfterStep(TrainerCallback):
@@ -50,14 +51,21 @@ def arm(kill):
                 kill_self()
 
         TorchCheckpointEngine.save = save_then_die
-    if "fill_disk_at_end" in kill:
+    if "fill_disk" in kill:
         from transformers import TrainerCallback
 
+        def fill():
+            free = os.statvfs(kill["fill_disk"])
+            (Path(kill["fill_disk"]) / "filler").write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 4096))
+
         class FillDisk(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == kill.get("after_step"):
+                    fill()
+
             def on_train_end(self, args, state, control, **kwargs):
-                free = os.statvfs(kill["fill_disk_at_end"])
-                filler = Path(kill["fill_disk_at_end"]) / "filler"
-                filler.write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 4096))
+                if "after_step" not in kill:
+                    fill()
 
         original_train = finetune.train
         finetune.train = lambda *args, **kwargs: original_train(*args, callbacks=[FillDisk()], **kwargs)

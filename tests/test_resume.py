@@ -110,11 +110,12 @@ def test_resume_false_starts_over(tmp_path, tiny_model, dataset, uninterrupted):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 1 MiB file system (tmpfs): what a full disk looks like to the program."""
+def small_disk(tmp_path, request):
+    """A real small file system (tmpfs, 1 MiB unless the test's `disk_size` mark says): a full disk, for real."""
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)]).returncode != 0:
+    size = request.node.get_closest_marker("disk_size").args[0] if request.node.get_closest_marker("disk_size") else "1m"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mount_point
     subprocess.run(["umount", "-l", str(mount_point)])
@@ -135,13 +136,25 @@ def test_disk_full_while_saving_keeps_the_previous_model(tmp_path, tiny_model, d
     (small_disk / "out").mkdir()
     (small_disk / "out" / "config.json").write_text("{}")  # stands for the previous model
     run = settings(tmp_path, tiny_model, dataset, CHECKPOINTS={"every_steps": None},
-                   KILL={"fill_disk_at_end": str(small_disk)})
+                   KILL={"fill_disk": str(small_disk)})
     run["FILES"]["out_dir"] = str(small_disk / "out")
     output = run_finetune(run, expect_failure=True)
     assert f"finetune.py: the disk filled up while writing the model to {small_disk / 'out.partial'}/" in output
     assert "There is no checkpoint yet" in output
     assert (small_disk / "out" / "config.json").read_text() == "{}"  # the previous out/ is untouched
     assert not (small_disk / "out.partial").exists()
+
+
+@pytest.mark.disk_size("32m")
+def test_disk_full_while_writing_a_checkpoint_says_so(tmp_path, tiny_model, dataset, small_disk):
+    # 32 MiB passes the plan; then the disk is filled after step 2, so checkpoint-3 cannot be written.
+    run = settings(tmp_path, tiny_model, dataset, KILL={"fill_disk": str(small_disk), "after_step": 2})
+    run["FILES"]["checkpoint_dir"] = str(small_disk / "checkpoints")
+    output = run_finetune(run, expect_failure=True)
+    assert f"finetune.py: the disk filled up while writing a checkpoint to {small_disk / 'checkpoints'}/." in output
+    assert "Stopped at optimizer step 3" in output
+    assert 'finetune.py", line' not in output  # said, not a traceback
+    assert not (tmp_path / "out").exists()
 
 
 def test_stale_op_build_lock_is_cleared(tmp_path, monkeypatch, capsys):
