@@ -366,7 +366,8 @@ def check_memory(parameters, block_size):
             f"are offloaded to the host, ~{MEASURED['host_bytes_per_parameter']} bytes for each of the model's "
             f"{parameters / 1e9:.2f} billion parameters (measured: 136 GiB for GPT-J-6B), whatever the batch size. "
             f"This machine has {host_available:.0f} GiB (free RAM + swap): the kernel's OOM killer would stop the "
-            f"run minutes in. Use a machine with more RAM, or add swap (slow but it runs).")
+            f"run minutes in. Use a machine with more RAM, add swap (slow but it runs), or set LORA in finetune.py "
+            f"(adapters instead of all weights, no offload: little host RAM).")
     gpu = gpu_memory_gib()
     if gpu and abs(parameters / MEASURED["parameters"] - 1) < 0.05:  # measured for GPT-J-6B only
         batch = TRAINING["per_device_train_batch_size"]
