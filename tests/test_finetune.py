@@ -160,6 +160,9 @@ def test_two_processes_train_and_save_one_model(tmp_path, tiny_model, configure)
     output = run_finetune(settings_for(tmp_path, tiny_model, dataset_dir, num_train_epochs=2), gpus=2)
     assert "x 2 GPU(s) = full batch of 16 samples" in output
     log = json.loads((tmp_path / "out" / "finetune_log.json").read_text())
+    # The printed plan is what the Trainer really did: 52 samples / 16 -> 4 steps per epoch, 8 in 2 epochs.
+    planned = int(re.search(r"optimizer steps per epoch, (\d+) in 2 epoch", output).group(1))
+    assert planned == 8 == max(entry["step"] for entry in log["log_history"])
     assert log["validation_loss_after"] < log["validation_loss_before"] - 0.3
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
