@@ -319,12 +319,7 @@ def save(trainer, files, metadata):
         shutil.rmtree(partial, ignore_errors=True)  # half-written: free its space
         stop(f"the disk filled up while writing the model to {partial}/ (the previous {out_dir}/, if any, is "
              f"untouched). Free some space and run it again", trainer)
-    old = Path(out_dir + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if Path(out_dir).exists():
-        os.replace(out_dir, old)
-    os.replace(partial, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    token_split.swap_in(partial, out_dir)
     print(f"\nSaved the fine-tuned model and tokenizer to {out_dir}/ ({time.strftime('%H:%M:%S')}).")
     if Path(files["checkpoint_dir"]).exists():
         shutil.rmtree(files["checkpoint_dir"])  # the run is complete: its checkpoints only take disk space

@@ -232,6 +232,13 @@ def save(splits, metadata, dataset_dir):
     shutil.rmtree(partial, ignore_errors=True)
     DatasetDict({name: Dataset.from_dict(split) for name, split in splits.items()}).save_to_disk(str(partial))
     (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+    swap_in(partial, target)
+
+
+def swap_in(partial, target):
+    """Put a completely written folder in place of target with renames (atomic on one disk): at every
+    moment target is either the old complete folder or the new one. Used for datasets and out/."""
+    partial, target = Path(partial), Path(target)
     old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
