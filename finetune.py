@@ -7,6 +7,7 @@ Every option is in the dicts below. The DeepSpeed settings are in ds_config.py. 
 specific to ZeRO-3 or FP16 are marked with `# ZeRO-3:` and `# FP16:`.
 """
 
+import copy
 import errno
 import json
 import math
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 import token_split
-from ds_config import DS_CONFIG
+from ds_config import DS_CONFIG, NVME_OFFLOAD
 
 MODEL = {
     "name": "EleutherAI/gpt-j-6B",  # hub name or local folder (the tokenizer comes from the same place)
@@ -36,6 +37,13 @@ LORA = None
 #     "lora_dropout": 0.05,
 #     "target_modules": ["q_proj", "v_proj"],  # GPT-J's attention query and value projections
 # }
+
+# Where full fine-tuning keeps the optimizer state: fp32 master weights and Adam's m and v, 12 bytes a
+# parameter (73 GB for GPT-J), plus their gradients. (LoRA has almost none: OFFLOAD does not apply.)
+OFFLOAD = {
+    "optimizer": "cpu",  # "cpu": in host RAM, fastest. "nvme": in files on a disk (ZeRO-Infinity), for machines with little RAM
+    "nvme_path": "nvme_offload",  # "nvme" only: a folder on your fastest SSD; emptied when the run ends
+}
 
 FILES = {
     "dataset_dir": token_split.SETTINGS["dataset_dir"],  # written by `python token_split.py`
@@ -100,7 +108,7 @@ def main():
         "Memory: LoRA's host RAM and GPU memory have not been measured with this code yet."
     disk_plan = check_disk(parameters, FILES)
     tokenizer = load_tokenizer(MODEL, metadata)
-    arguments = training_arguments(DS_CONFIG if LORA is None else None)  # ZeRO-3: before the model, see load_model
+    arguments = training_arguments(deepspeed_config(OFFLOAD) if LORA is None else None)  # ZeRO-3: before the model
     samples = load_samples(FILES["dataset_dir"])
     checkpoint = find_checkpoint(FILES["checkpoint_dir"], run_identity(metadata, arguments), arguments)
     if arguments.process_index == 0:
@@ -145,6 +153,20 @@ def load_tokenizer(model_settings, metadata):
             f"tokenizer to '{model_settings['name']}' and re-run `python token_split.py`."
         )
     return tokenizer
+
+
+def deepspeed_config(offload):
+    """ds_config.py's DS_CONFIG, with NVME_OFFLOAD's entries in place of its own when the optimizer goes to disk."""
+    if offload["optimizer"] == "cpu":
+        return DS_CONFIG
+    if offload["optimizer"] != "nvme":
+        raise SystemExit(f"finetune.py: OFFLOAD['optimizer'] is {offload['optimizer']!r}; it must be 'cpu' or 'nvme'.")
+    config = copy.deepcopy(DS_CONFIG)
+    for section, entries in NVME_OFFLOAD.items():
+        config.setdefault(section, {}).update(copy.deepcopy(entries))
+    Path(offload["nvme_path"]).mkdir(parents=True, exist_ok=True)
+    config["zero_optimization"]["offload_optimizer"]["nvme_path"] = str(Path(offload["nvme_path"]).resolve())
+    return config
 
 
 def training_arguments(ds_config):
@@ -229,11 +251,15 @@ def load_model(model_settings, arguments):
         dtype=torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32,
         use_cache=False,  # the generation cache is useless in training and clashes with gradient checkpointing
     )
-    if LORA is not None:
-        from peft import LoraConfig, get_peft_model
+    return model if LORA is None else add_adapters(model, LORA)
 
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))  # adapters kept in fp32
-        model.print_trainable_parameters()
+
+def add_adapters(model, lora):
+    """LoRA: PEFT freezes the model and adds small trainable matrices beside lora["target_modules"]."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))  # adapters kept in fp32
+    model.print_trainable_parameters()
     return model
 
 

@@ -44,6 +44,12 @@ ORIGINAL_DS = {
                                                  "warmup_num_steps": "auto"}},
 }
 
+# finetune.py's commented LORA example: rank 16 on the attention's query and value projections.
+LORA_QV = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+NVME_PATH = os.environ.get("BENCH_NVME_PATH", "/tmp/nvme_offload")  # the "nvme" points' OFFLOAD["nvme_path"]
+
+TINY = dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=2048, vocab_size=512)  # for smoke-cpu points
+
 # name: settings ("ours" = finetune.py + ds_config.py as they are), VRAM budget, batch, accumulation,
 # optimizer steps (the first carries CPU Adam's state allocation; the last is reported), DeepSpeed overrides.
 POINTS = {
@@ -53,20 +59,37 @@ POINTS = {
     "ours-12": dict(settings="ours", budget=12, batch=4, accumulation=2, steps=1),
     "ours-8": dict(settings="ours", budget=8, batch=2, accumulation=2, steps=1),
     "orig-8": dict(settings="original", budget=8, batch=1, accumulation=2, steps=1, ds=ORIGINAL_DS),
-    # The code path on a CPU, with a 2-layer GPT-J: `DS_ACCELERATOR=cpu python bench/gpu_bench.py smoke-cpu`.
     "ours-24x2": dict(settings="ours", budget=24, batch=10, accumulation=8, steps=2, gpus=2),
-    "smoke-cpu": dict(settings="ours", budget=24, batch=2, accumulation=3, steps=2,
-                      config=dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=2048, vocab_size=512)),
+    # The largest batch: one more sample than the batches above.
+    "ours-24-b11": dict(settings="ours", budget=24, batch=11, accumulation=8, steps=2),
+    "ours-8-b3": dict(settings="ours", budget=8, batch=3, accumulation=2, steps=1),
+    # Low host RAM: the optimizer state in files (finetune.py's OFFLOAD["optimizer"] = "nvme"), run inside a
+    # 64 GiB memory limit (a cgroup: a miss is a kill, not a number), three steps to compare its loss curve
+    # with "ours-24-3", the same run with the optimizer state in RAM (same seed, same samples).
+    "lowram-24": dict(settings="ours-lowram", budget=24, batch=10, accumulation=8, steps=3, offload="nvme",
+                      host_limit_gib=64),
+    "ours-24-3": dict(settings="ours", budget=24, batch=10, accumulation=8, steps=3),
+    # LoRA (finetune.py's LORA, no DeepSpeed): every batch in `batches` is tried in one process, smallest
+    # first, until one does not fit the budget.
+    "lora-24": dict(settings="ours-lora", budget=24, batches=[4, 8, 12, 16, 24, 32], accumulation=4, steps=2,
+                    lora=LORA_QV),
+    "lora-16": dict(settings="ours-lora", budget=16, batches=[1, 2, 4, 8], accumulation=4, steps=2, lora=LORA_QV),
+    # The code paths on a CPU, with a 2-layer GPT-J: `DS_ACCELERATOR=cpu python bench/gpu_bench.py smoke-cpu`.
+    "smoke-cpu": dict(settings="ours", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
+    "smoke-cpu-nvme": dict(settings="ours-lowram", budget=24, batch=2, accumulation=3, steps=2, config=TINY,
+                           offload="nvme", host_limit_gib=8),
+    "smoke-cpu-lora": dict(settings="ours-lora", budget=24, batches=[1, 2], accumulation=3, steps=2, config=TINY,
+                           lora=LORA_QV),
 }
 
 
 def main(names):
     results_file = Path(os.environ.get("BENCH_RESULTS", REPO / "bench" / "results.json"))
     for name in names or list(POINTS):
-        record = run_in_own_process(name)
-        records = json.loads(results_file.read_text()) if results_file.exists() else []
-        results_file.write_text(json.dumps(records + [record], indent=1) + "\n")
-        print(json.dumps(record), flush=True)
+        for record in run_in_own_process(name):
+            records = json.loads(results_file.read_text()) if results_file.exists() else []
+            results_file.write_text(json.dumps(records + [record], indent=1) + "\n")
+            print(json.dumps(record), flush=True)
 
 
 def run_in_own_process(name):
@@ -79,23 +102,80 @@ def run_in_own_process(name):
     if POINTS[name].get("gpus", 1) > 1:  # through DeepSpeed's launcher, one process per GPU
         command = ["deepspeed", "--num_gpus", str(POINTS[name]["gpus"]), "--master_port",
                    environment["MASTER_PORT"], __file__, "--point", name]
+    limit = host_limit(POINTS[name].get("host_limit_gib"), environment)
     started = time.time()
-    result = subprocess.run(command, env=environment, capture_output=True, text=True)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH_RECORD ")]
-    if lines:
-        return json.loads(lines[-1][len("BENCH_RECORD "):])
+    result = subprocess.run(command, env=environment, capture_output=True, text=True,
+                            preexec_fn=limit["enter"] if limit else None)
+    print(result.stdout[-20000:] + result.stderr[-20000:], file=sys.stderr)  # the point's own log
+    records = [json.loads(line[len("BENCH_RECORD "):]) for line in result.stdout.splitlines()
+               if line.startswith("BENCH_RECORD ")]
     tail = (result.stdout + result.stderr)[-3000:]
-    print(tail, file=sys.stderr)
-    point = POINTS[name]
-    return {**describe(name, point), "ok": False, "exit_code": result.returncode,
-            "failure": failure_reason(tail, result.returncode), "wall_s": round(time.time() - started, 1)}
+    if not records or records[-1]["ok"] and result.returncode != 0:  # died before or after its last record
+        records.append({**describe(name, POINTS[name]), "ok": False, "exit_code": result.returncode,
+                        "failure": failure_reason(tail, result.returncode), "wall_s": round(time.time() - started, 1)})
+    for record in records:
+        if limit:
+            record["host_limit"] = limit["describe"]()
+    return records
+
+
+def host_limit(limit_gib, environment):
+    """A host-RAM limit for a point's process: a cgroup memory limit where the machine lets us make one
+    (the kernel kills the process at the limit, like a desktop's OOM killer), else a watchdog in the
+    process that kills it when its RSS passes the limit."""
+    if not limit_gib:
+        return None
+    try:
+        group = memory_cgroup(int(limit_gib * 2**30))
+    except OSError as error:
+        print(f"No cgroup memory limit here ({error}); a watchdog kills the point at {limit_gib} GiB RSS instead.")
+        environment["BENCH_HOST_LIMIT_GIB"] = str(limit_gib)
+        return {"enter": None, "describe": lambda: {"gib": limit_gib, "how": "watchdog on the process's RSS"}}
+
+    def describe_cgroup():
+        peak_file = group / ("memory.peak" if (group / "memory.peak").exists() else "memory.max_usage_in_bytes")
+        events_file = group / ("memory.events" if (group / "memory.events").exists() else "memory.oom_control")
+        events = dict(line.split() for line in events_file.read_text().splitlines())
+        return {"gib": limit_gib, "how": f"cgroup {group}", "oom_kills": int(events.get("oom_kill", 0)),
+                "cgroup_peak_gib": round(int(peak_file.read_text()) / 2**30, 1) if peak_file.exists() else None}
+
+    return {"enter": lambda: (group / "cgroup.procs").write_text(str(os.getpid())), "describe": describe_cgroup}
+
+
+def memory_cgroup(limit_bytes):
+    """A fresh memory cgroup limited to limit_bytes (RAM and swap together); OSError where none can be made."""
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists():  # cgroup v2: limits only on leaves, so move everyone else to one
+        (root / "bench-rest").mkdir(exist_ok=True)
+        for pid in (root / "cgroup.procs").read_text().split():
+            try:
+                (root / "bench-rest" / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass
+        (root / "cgroup.subtree_control").write_text("+memory")
+        group = root / "bench-limited"
+        group.mkdir(exist_ok=True)
+        (group / "memory.max").write_text(str(limit_bytes))
+        if (group / "memory.swap.max").exists():
+            (group / "memory.swap.max").write_text("0")
+        return group
+    group = root / "memory" / "bench-limited"  # cgroup v1
+    if group.exists():
+        group.rmdir()  # fresh peak and kill counters
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+    if (group / "memory.memsw.limit_in_bytes").exists():
+        (group / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+    return group
 
 
 def failure_reason(output, exit_code):
     if "OutOfMemoryError" in output or "CUDA out of memory" in output:
         return "CUDA out of memory"
+    if "BENCH_HOST_LIMIT_HIT" in output:
+        return "killed by the watchdog: host RSS passed the limit"
     if exit_code in (-9, 137):
-        return "killed (host RAM: kernel OOM killer)"
+        return "killed (host RAM: kernel OOM killer, or the cgroup's limit)"
     return output.strip().splitlines()[-1] if output.strip() else f"exit code {exit_code}"
 
 
@@ -110,81 +190,116 @@ def describe(name, point):
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]},
-        "vram_budget_gib": point["budget"], "per_device_batch": point["batch"],
+        "vram_budget_gib": point["budget"], "per_device_batch": point.get("batch", point.get("batches")),
         "grad_accum": point["accumulation"], "seq_len": SEQ_LEN, "cpu_threads": torch.get_num_threads(),
+        "optimizer_steps": point["steps"], "offload": point.get("offload", "cpu" if point["settings"] != "ours-lora" else None),
+        "lora": point.get("lora"),
         "command": f"python bench/gpu_bench.py {name}",
     }
 
 
 def run_point(name):
-    """In the point's own process: cap the allocator, train a few steps with finetune.py's code, measure."""
+    """In the point's own process: cap the allocator, train a few steps with finetune.py's code, measure.
+    A point with `batches` tries each in turn on the same model and stops at the first that does not fit."""
+    import gc
+
     import torch
 
     point = POINTS[name]
     import finetune
-    from ds_config import DS_CONFIG
 
-    record = describe(name, point)
     rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         torch.cuda.set_device(rank)  # the cap applies to the current device
         total = torch.cuda.get_device_properties(0).total_memory
         allocator_cap = (point["budget"] - OUTSIDE_ALLOCATOR_GIB) * 2**30
         torch.cuda.set_per_process_memory_fraction(allocator_cap / total)
-    watcher = MemoryWatcher(rank)
-
-    ds_config = merge(copy.deepcopy(DS_CONFIG), point.get("ds", {}))
-    finetune.TRAINING.update(per_device_train_batch_size=point["batch"],
-                             gradient_accumulation_steps=point["accumulation"],
-                             max_steps=point["steps"], logging_steps=1)
+    offload = {"optimizer": point.get("offload", "cpu"), "nvme_path": NVME_PATH}
+    ds_config = None if point.get("lora") else merge(copy.deepcopy(finetune.deepspeed_config(offload)), point.get("ds", {}))
     finetune.FILES.update(out_dir="/tmp/bench-out", checkpoint_dir="/tmp/bench-checkpoints")
     finetune.CHECKPOINTS["every_steps"] = None  # a GPT-J checkpoint is ~97 GB: not what is measured here
-    arguments = finetune.training_arguments(ds_config)
-    model = build_gptj(arguments, point.get("config", {}))
-    samples = random_samples(point["batch"] * point["accumulation"] * point["steps"] * gpus, model.config.vocab_size)
-    timer = StepTimer()
-    started = time.time()
-    finetune.train(model, None, samples, arguments, callbacks=[timer])  # no tokenizer: nothing is saved
-    watcher.stop()
+    model = None
+    for batch in point["batches"] if "batches" in point else [point["batch"]]:
+        record = describe(name, {**point, "batch": batch})
+        finetune.TRAINING.update(per_device_train_batch_size=batch, gradient_accumulation_steps=point["accumulation"],
+                                 max_steps=point["steps"], logging_steps=1)
+        arguments = finetune.training_arguments(ds_config)
+        if model is None:
+            model = build_gptj(arguments, point.get("config", {}), point.get("lora"))
+        samples = random_samples(batch * point["accumulation"] * point["steps"] * gpus, model.config.vocab_size)
+        if torch.cuda.is_available():  # each batch's own peaks
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        watcher, timer, started = MemoryWatcher(rank, offload["nvme_path"] if ds_config and offload["optimizer"] == "nvme"
+                                                else None), StepTimer(), time.time()
+        try:
+            finetune.train(model, None, samples, arguments, callbacks=[timer])  # no tokenizer: nothing is saved
+        except SystemExit as stopped:  # finetune.train's own stop(): CUDA OOM and the like, said in words
+            watcher.stop()
+            record.update(ok=False, failure=str(stopped).strip().splitlines()[0][:300],
+                          peak_total_gpu_mib=round(watcher.peak_used / 2**20))
+            print("BENCH_RECORD " + json.dumps(record), flush=True)
+            break
+        watcher.stop()
+        record.update(measure(point, batch, gpus, model, timer, watcher, started))
+        if rank == 0:
+            print("BENCH_RECORD " + json.dumps(record), flush=True)
+        gc.collect()
+        if not record["ok"]:
+            break
+
+
+def measure(point, batch, gpus, model, timer, watcher, started):
+    """The figures of a finished run: its last optimizer step (steady), memory peaks, losses."""
+    import torch
 
     micro = [m for m in timer.micro_steps if m["step"] == point["steps"]]  # the last, steady optimizer step
     step_seconds = sum(m["seconds"] for m in micro)
     plain = [m for m in micro if not m["boundary"]] or micro  # micro-steps without the optimizer step
     micro_step_s = sum(m["seconds"] for m in plain) / len(plain)
     forward_s = sum(m["forward_s"] for m in plain) / len(plain)
-    tokens = point["batch"] * point["accumulation"] * gpus * SEQ_LEN
+    tokens = batch * point["accumulation"] * gpus * SEQ_LEN
     tokens_per_s = tokens / step_seconds
     peak_total_mib = watcher.peak_used / 2**20
-    record.update({
+    # FLOP per token: forward 2N, backward 4N (2N for LoRA: no weight gradients), recomputed forward 2N.
+    flop_per_token = (6 if point.get("lora") else 8) * model_parameters(model)
+    return {
         "tokens_per_s": round(tokens_per_s, 1),
         "step_s": round(step_seconds, 2),
         "micro_step_s": round(micro_step_s, 3),
         "forward_s": round(forward_s, 3),
         "backward_s": round(micro_step_s - forward_s, 3),
         "optimizer_s": round(micro[-1]["seconds"] - micro_step_s, 3),  # the boundary micro-step's extra time
-        "mfu": round(tokens_per_s * 8 * model_parameters(model) / H100_BF16_FLOPS, 4),
-        "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20),
-        "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20),
+        "mfu": round(tokens_per_s * flop_per_token / H100_BF16_FLOPS, 4),
+        "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
+        "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20) if torch.cuda.is_available() else None,
         "peak_total_gpu_mib": round(peak_total_mib),
         "host_rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
         "host_available_min_gib": round(watcher.min_available / 2**30, 1),
         "host_used_peak_gib": round((host_meminfo("MemTotal:") - watcher.min_available) / 2**30, 1),  # all ranks
+        "nvme_peak_gb": round(watcher.peak_disk / 1e9, 1) if watcher.disk_folder else None,
         "losses": [entry["loss"] for entry in timer.logs if "loss" in entry],
         "ok": peak_total_mib <= point["budget"] * 1024,
         "train_wall_s": round(time.time() - started, 1),
         "micro_steps": micro,
-    })
-    if rank == 0:
-        print("BENCH_RECORD " + json.dumps(record), flush=True)
+    }
 
 
-def build_gptj(arguments, overrides):
-    """GPT-J-6B's architecture with random weights, FP16, built partitioned (zero.Init) as from_pretrained would."""
+def build_gptj(arguments, overrides, lora=None):
+    """GPT-J-6B's architecture with random weights (seeded: every point starts from the same model), FP16,
+    built partitioned (zero.Init) as from_pretrained would; for LoRA, built on the GPU with finetune.py's adapters."""
     import torch
     from transformers import AutoModelForCausalLM, GPTJConfig
 
+    import finetune
+
+    torch.manual_seed(0)
     config = GPTJConfig(use_cache=False, **overrides)  # the defaults are GPT-J-6B: 28 layers, 4096 wide, 50,400 tokens
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float16 if arguments.fp16 else torch.float32)
+    dtype = torch.float16 if arguments.fp16 else torch.float32
+    if lora is None:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init on the GPU: seconds, not minutes
+        return finetune.add_adapters(AutoModelForCausalLM.from_config(config, dtype=dtype), lora)
 
 
 def model_parameters(model):
@@ -210,25 +325,46 @@ def merge(base, overrides):
 class MemoryWatcher:
     """Polls the driver's view of GPU memory (whole process: allocator + context + NCCL) and host RAM."""
 
-    def __init__(self, device, every_s=0.05):
+    def __init__(self, device, disk_folder=None, every_s=0.05):
         import torch
 
-        self.peak_used, self.min_available, self.running = 0, float("inf"), True
-        self.torch, self.device, self.every_s = torch, device, every_s
+        self.peak_used, self.min_available, self.peak_disk, self.running = 0, float("inf"), 0, True
+        self.torch, self.device, self.disk_folder, self.every_s = torch, device, disk_folder, every_s
+        self.host_limit = float(os.environ.get("BENCH_HOST_LIMIT_GIB", "inf")) * 2**30  # host_limit()'s watchdog
         self.thread = threading.Thread(target=self.poll, daemon=True)
         self.thread.start()
 
     def poll(self):
+        import psutil
+
+        polls = 0
         while self.running:
             if self.torch.cuda.is_available():
                 free, total = self.torch.cuda.mem_get_info(self.device)  # this rank's GPU
                 self.peak_used = max(self.peak_used, total - free)
             self.min_available = min(self.min_available, host_meminfo("MemAvailable:"))
+            if psutil.Process().memory_info().rss > self.host_limit:
+                print("BENCH_HOST_LIMIT_HIT", flush=True)
+                os.kill(os.getpid(), 9)
+            if self.disk_folder and polls % 20 == 0:  # the NVMe offload's files, once a second
+                self.peak_disk = max(self.peak_disk, disk_used(self.disk_folder))
+            polls += 1
             time.sleep(self.every_s)
 
     def stop(self):
         self.running = False
         self.thread.join()
+
+
+def disk_used(folder):
+    used = 0
+    for root, _, files in os.walk(folder):
+        for file in files:
+            try:
+                used += os.stat(os.path.join(root, file)).st_blocks * 512
+            except FileNotFoundError:  # swapped out and removed meanwhile
+                pass
+    return used
 
 
 def host_meminfo(field):
