@@ -71,9 +71,9 @@ POINTS = {
     "ours-24-3": dict(settings="ours", budget=24, batch=10, accumulation=8, steps=3),
     # LoRA (finetune.py's LORA, no DeepSpeed): every batch in `batches` is tried in one process, smallest
     # first, until one does not fit the budget.
-    "lora-24": dict(settings="ours-lora", budget=24, batches=[4, 8, 12, 16, 24, 32], accumulation=4, steps=2,
+    "lora-24": dict(settings="ours-lora", budget=24, batches=[4, 8, 16, 24], accumulation=2, steps=2,
                     lora=LORA_QV),
-    "lora-16": dict(settings="ours-lora", budget=16, batches=[1, 2, 4, 8], accumulation=4, steps=2, lora=LORA_QV),
+    "lora-16": dict(settings="ours-lora", budget=16, batches=[1, 2, 4], accumulation=2, steps=2, lora=LORA_QV),
     # The code paths on a CPU, with a 2-layer GPT-J: `DS_ACCELERATOR=cpu python bench/gpu_bench.py smoke-cpu`.
     "smoke-cpu": dict(settings="ours", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
     "smoke-cpu-nvme": dict(settings="ours-lowram", budget=24, batch=2, accumulation=3, steps=2, config=TINY,
