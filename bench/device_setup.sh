@@ -4,6 +4,8 @@ set -e
 [ -d /tmp/site/deepspeed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions PYTHONUNBUFFERED=1
+# DeepSpeed's op builder cannot parse the image's "9.0a" entries (ValueError: invalid literal for int(): '0a').
+export TORCH_CUDA_ARCH_LIST="9.0"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # DeepSpeed's async I/O op (OFFLOAD "nvme") needs libaio's header and library; unpacked beside, not into, /.
 if [ ! -e /usr/include/libaio.h ] && [ -d .whl/debs ]; then

@@ -71,7 +71,7 @@ POINTS = {
     "ours-24-3": dict(settings="ours", budget=24, batch=10, accumulation=8, steps=3),
     # LoRA (finetune.py's LORA, no DeepSpeed): every batch in `batches` is tried in one process, smallest
     # first, until one does not fit the budget.
-    "lora-24": dict(settings="ours-lora", budget=24, batches=[4, 8, 16, 24], accumulation=2, steps=2,
+    "lora-24": dict(settings="ours-lora", budget=24, batches=[4, 5, 6, 7, 8], accumulation=2, steps=2,
                     lora=LORA_QV),
     "lora-16": dict(settings="ours-lora", budget=16, batches=[1, 2, 4], accumulation=2, steps=2, lora=LORA_QV),
     # The code paths on a CPU, with a 2-layer GPT-J: `DS_ACCELERATOR=cpu python bench/gpu_bench.py smoke-cpu`.
