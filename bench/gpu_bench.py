@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,10 +66,10 @@ POINTS = {
     "ours-8-b3": dict(settings="ours", budget=8, batch=3, accumulation=2, steps=1),
     # Low host RAM: the optimizer state in files (finetune.py's OFFLOAD["optimizer"] = "nvme"), run inside a
     # 64 GiB memory limit (a cgroup: a miss is a kill, not a number), three steps to compare its loss curve
-    # with "ours-24-3", the same run with the optimizer state in RAM (same seed, same samples).
-    "lowram-24": dict(settings="ours-lowram", budget=24, batch=10, accumulation=8, steps=3, offload="nvme",
-                      host_limit_gib=64),
-    "ours-24-3": dict(settings="ours", budget=24, batch=10, accumulation=8, steps=3),
+    # with "ours-24-b8", the same run with the optimizer state in RAM (same seed, same samples).
+    "lowram-24": dict(settings="ours-lowram", budget=24, batch=8, accumulation=8, steps=3, offload="nvme",
+                      host_limit_gib=64),  # B=10 ran out of GPU memory (22,161 MiB) before its first step
+    "ours-24-b8": dict(settings="ours", budget=24, batch=8, accumulation=8, steps=3),
     # LoRA (finetune.py's LORA, no DeepSpeed): every batch in `batches` is tried in one process, smallest
     # first, until one does not fit the budget.
     "lora-24": dict(settings="ours-lora", budget=24, batches=[4, 5, 6, 7, 8], accumulation=2, steps=2,
@@ -236,6 +237,8 @@ def run_point(name):
             finetune.train(model, None, samples, arguments, callbacks=[timer])  # no tokenizer: nothing is saved
         except SystemExit as stopped:  # finetune.train's own stop(): CUDA OOM and the like, said in words
             watcher.stop()
+            if stopped.__context__ is not None:  # where it ran out, for the log
+                traceback.print_exception(stopped.__context__)
             record.update(ok=False, failure=str(stopped).strip().splitlines()[0][:300],
                           peak_total_gpu_mib=round(watcher.peak_used / 2**20))
             print("BENCH_RECORD " + json.dumps(record), flush=True)
