@@ -62,13 +62,22 @@ CHECKPOINTS = {
 }
 CHECKPOINT_BYTES_PER_PARAMETER = 16  # ZeRO's 2 (FP16) + 4 + 4 + 4 (fp32 master, Adam m, v) + 2 (16-bit model)
 
-# What a run needs, measured with this code on GPT-J-6B (bench/RESULTS.md: H200, seq 2048, params and
-# optimizer offloaded). finetune.py checks them against the machine before loading any weights.
+# What a run needs, measured with this code on GPT-J-6B (bench/RESULTS.md: H200, seq 2048).
+# finetune.py checks them against the machine before loading any weights.
 MEASURED = {
-    "host_bytes_per_parameter": 24.2,  # peak host RSS: 136.4 GiB / 6.05e9 parameters, whatever the batch
-    "gpu_mib_fixed": 2993,  # whole process (allocator + CUDA context), batch-independent part
-    "gpu_mib_per_sample": 2105,  # whole process, per sample of 2048 tokens (batches 2-10 measured)
-    "parameters": 6.05e9,  # the GPU figures hold for GPT-J-6B only
+    "parameters": 6.05e9,  # GPT-J-6B; the GPU figures hold for it only
+    # Host RAM, peak RSS per parameter, whatever the batch size:
+    "host_bytes_per_parameter": 24.2,  # OFFLOAD "cpu": 136.4 GiB (FP16 weights + fp32 master, Adam m, v, gradients)
+    "host_bytes_per_parameter_nvme": 8.92,  # OFFLOAD "nvme": 50.3 GiB (FP16 weights and gradients; the rest on disk)
+    "nvme_bytes_per_parameter": 16,  # OFFLOAD "nvme": the files, 96.8 GB (fp32 master, m, v and gradients)
+    "lora_host_gib": 2,  # LORA: the weights go straight to the GPU; host RAM is Python's and the libraries'
+    # GPU memory, whole process (allocator + CUDA context): a fixed part + a part per sample of 2048 tokens.
+    "gpu_mib_fixed": 2993,  # full fine-tuning: the weights visit the GPU a layer at a time
+    "lora_gpu_mib_fixed": 12767,  # LORA: the whole FP16 model (11.5 GiB) sits on the GPU
+    "gpu_mib_per_sample": 2105,  # both: activations, and the LM head's fp32 logits (413 MB a sample)
+    # Speed on one H200, tokens/s within 24 GiB: full fine-tuning at B=8 GA 8 (optimizer state in RAM / on disk),
+    # LoRA at its largest batch, 5:
+    "tokens_per_s": {"cpu": 2874, "nvme": 862, "lora": 9486},
 }
 
 # The machine to plan for. None = this machine (host: MemAvailable + free swap; GPU: the card's memory).
@@ -104,8 +113,7 @@ def main():
     clear_stale_build_locks()
     metadata = check_dataset(FILES["dataset_dir"], MODEL)  # fails fast, before anything is loaded
     parameters = count_parameters(MODEL)
-    memory_plan = check_memory(parameters, MODEL["block_size"]) if LORA is None else \
-        "Memory: LoRA's host RAM and GPU memory have not been measured with this code yet."
+    memory_plan = check_memory(parameters, MODEL["block_size"])
     disk_plan = check_disk(parameters, FILES)
     tokenizer = load_tokenizer(MODEL, metadata)
     arguments = training_arguments(deepspeed_config(OFFLOAD) if LORA is None else None)  # ZeRO-3: before the model
@@ -250,6 +258,8 @@ def load_model(model_settings, arguments):
         # FP16: 2 bytes a parameter, 12 GB for GPT-J (the hub's float16 branch holds exactly these).
         dtype=torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32,
         use_cache=False,  # the generation cache is useless in training and clashes with gradient checkpointing
+        # LoRA: the weights load straight onto this process's GPU, no 12 GB copy in host RAM on the way.
+        device_map={"": arguments.device} if LORA is not None and torch.cuda.is_available() else None,
     )
     return model if LORA is None else add_adapters(model, LORA)
 
@@ -350,6 +360,10 @@ def save(trainer, files, metadata):
     if Path(files["checkpoint_dir"]).exists():
         shutil.rmtree(files["checkpoint_dir"])  # the run is complete: its checkpoints only take disk space
         print(f"Removed {files['checkpoint_dir']}/: the run is complete.")
+    swap_files = Path(OFFLOAD["nvme_path"]) / "zero_stage_3"  # DeepSpeed's folder inside nvme_path
+    if LORA is None and OFFLOAD["optimizer"] == "nvme" and swap_files.exists():
+        shutil.rmtree(swap_files)
+        print(f"Removed {swap_files}/: the optimizer state's files.")
     if "validation_loss_after" in results:
         print(f"Validation loss {results['validation_loss_before']:.4f} -> {results['validation_loss_after']:.4f}, "
               f"perplexity {results['validation_perplexity_before']:.2f} -> {results['validation_perplexity_after']:.2f}")
@@ -377,35 +391,67 @@ def count_parameters(model_settings):
 
 def check_memory(parameters, block_size):
     """Stop before loading if host RAM or GPU memory cannot hold the run (from MEASURED); else say what it takes."""
-    host_needed = MEASURED["host_bytes_per_parameter"] * parameters / 2**30
     host_available = PLAN["host_ram_gib"] or (meminfo("MemAvailable") + meminfo("SwapFree")) / 2**30
-    lines = [f"Host RAM: ~{host_needed:.1f} GiB at peak (ZeRO-3 keeps ~{MEASURED['host_bytes_per_parameter']} bytes "
-             f"a parameter on the host), {host_available:.1f} GiB available (free RAM + swap)."]
+    host_needed = host_ram_needed(parameters)
+    setting = "LoRA" if LORA is not None else \
+        f"full fine-tuning, optimizer state {'on disk' if OFFLOAD['optimizer'] == 'nvme' else 'in RAM'}"
+    lines = [f"Host RAM: ~{host_needed:.1f} GiB at peak ({setting}), {host_available:.1f} GiB available "
+             f"(free RAM + swap)."]
     if host_needed > host_available:
         raise SystemExit(
-            f"finetune.py: this run needs ~{host_needed:.0f} GiB of host RAM at its peak: parameters and optimizer "
-            f"are offloaded to the host, ~{MEASURED['host_bytes_per_parameter']} bytes for each of the model's "
-            f"{parameters / 1e9:.2f} billion parameters (measured: 136 GiB for GPT-J-6B), whatever the batch size. "
-            f"This machine has {host_available:.0f} GiB (free RAM + swap): the kernel's OOM killer would stop the "
-            f"run minutes in. Use a machine with more RAM, add swap (slow but it runs), or set LORA in finetune.py "
-            f"(adapters instead of all weights, no offload: little host RAM).")
+            f"finetune.py: this run needs ~{host_needed:.0f} GiB of host RAM at its peak ({setting}; measured on "
+            f"GPT-J-6B, whatever the batch size), but this machine has {host_available:.0f} GiB (free RAM + swap): "
+            f"the kernel's OOM killer would stop the run minutes in. {lower_ram_settings(parameters, host_available)}")
     gpu = gpu_memory_gib()
     if gpu and abs(parameters / MEASURED["parameters"] - 1) < 0.05:  # measured for GPT-J-6B only
         batch = TRAINING["per_device_train_batch_size"]
-        gpu_needed = (MEASURED["gpu_mib_fixed"] + MEASURED["gpu_mib_per_sample"] * batch * block_size / 2048) / 1024
+        gpu_needed = (gpu_mib_fixed() + MEASURED["gpu_mib_per_sample"] * batch * block_size / 2048) / 1024
         lines.append(f"GPU memory: ~{gpu_needed:.1f} GiB per GPU at per_device_train_batch_size={batch}, "
                      f"{gpu:.1f} GiB on the card.")
         if gpu_needed > gpu:
+            fits = largest_batch(gpu, block_size)
             raise SystemExit(
                 f"finetune.py: per_device_train_batch_size={batch} needs ~{gpu_needed:.1f} GiB of GPU memory "
-                f"(measured on GPT-J-6B), but the GPU has {gpu:.1f} GiB. Set it to "
-                f"{largest_batch(gpu, block_size)} or less, and raise gradient_accumulation_steps to keep the full batch.")
+                f"(measured on GPT-J-6B, {setting}), but the GPU has {gpu:.1f} GiB. " +
+                (f"Set it to {fits} or less, and raise gradient_accumulation_steps to keep the full batch." if fits else
+                 "Not even one sample fits: LoRA keeps the whole FP16 model (11.5 GiB) on the GPU. Set LORA = None "
+                 "(full fine-tuning visits the GPU a layer at a time)."))
     return "\n".join(lines)
+
+
+def host_ram_needed(parameters):
+    """GiB of host RAM at peak for the chosen setting (MEASURED)."""
+    if LORA is not None:
+        return MEASURED["lora_host_gib"]
+    per_parameter = MEASURED["host_bytes_per_parameter_nvme" if OFFLOAD["optimizer"] == "nvme" else
+                             "host_bytes_per_parameter"]
+    return per_parameter * parameters / 2**30
+
+
+def lower_ram_settings(parameters, host_available):
+    """What to change when host RAM is short, with the measured cost of each choice."""
+    nvme_gib = MEASURED["host_bytes_per_parameter_nvme"] * parameters / 2**30
+    speed = MEASURED["tokens_per_s"]
+    choices = []
+    if LORA is None and OFFLOAD["optimizer"] == "cpu" and nvme_gib <= host_available:
+        choices.append(f"set OFFLOAD['optimizer'] = 'nvme' in finetune.py (full fine-tuning with the optimizer state "
+                       f"on an SSD: ~{nvme_gib:.0f} GiB of RAM and "
+                       f"~{MEASURED['nvme_bytes_per_parameter'] * parameters / 1e9:.0f} GB of disk; measured "
+                       f"{speed['nvme']:,} tokens/s against {speed['cpu']:,} in RAM)")
+    if LORA is None:
+        choices.append(f"set LORA in finetune.py (adapters instead of all weights: ~{MEASURED['lora_host_gib']} GiB "
+                       f"of RAM, {speed['lora']:,} tokens/s, but the GPU must hold the 11.5 GiB FP16 model)")
+    choices.append("use a machine with more RAM, or add swap (slow, but it runs)")
+    return "Either " + "; or ".join(choices) + "."
+
+
+def gpu_mib_fixed():
+    return MEASURED["lora_gpu_mib_fixed"] if LORA is not None else MEASURED["gpu_mib_fixed"]
 
 
 def largest_batch(gpu_gib, block_size):
     per_sample = MEASURED["gpu_mib_per_sample"] * block_size / 2048
-    return max(0, int((gpu_gib * 1024 - MEASURED["gpu_mib_fixed"]) // per_sample))
+    return max(0, int((gpu_gib * 1024 - gpu_mib_fixed()) // per_sample))
 
 
 def gpu_memory_gib():
@@ -432,27 +478,35 @@ def check_disk(parameters, files):
     model_bytes = (2 if torch.cuda.is_available() else 4) * parameters  # FP16 on GPUs, FP32 on CPU
     checkpoint_bytes = CHECKPOINT_BYTES_PER_PARAMETER * parameters if LORA is None else 0.01 * model_bytes  # adapters
     checkpoints_bytes = checkpoint_bytes * (CHECKPOINTS["keep"] + 1) if CHECKPOINTS["every_steps"] else 0
-    needs = {}  # per disk: (bytes needed, folders)
-    for folder, size in ((files["out_dir"], model_bytes), (files["checkpoint_dir"], checkpoints_bytes)):
-        disk = existing_parent(folder)
-        needed, folders = needs.get(disk.stat().st_dev, (0, []))
-        needs[disk.stat().st_dev] = (needed + size, folders + [folder])
-    for needed, folders in needs.values():
-        # What the run will replace (old checkpoints, the previous out/) counts as free.
+    nvme_bytes = MEASURED["nvme_bytes_per_parameter"] * parameters if LORA is None and OFFLOAD["optimizer"] == "nvme" else 0
+    parts = [(files["out_dir"], model_bytes, f"the model ({model_bytes / 1e9:.3f} GB)"),
+             (files["checkpoint_dir"], checkpoints_bytes,
+              f"up to {CHECKPOINTS['keep'] + 1} checkpoints of {checkpoint_bytes / 1e9:.3f} GB"),
+             (OFFLOAD["nvme_path"], nvme_bytes, f"the optimizer state's files ({nvme_bytes / 1e9:.3f} GB)")]
+    needs = {}  # per disk: (bytes needed, folders, what they hold)
+    for folder, size, what in parts:
+        if size:
+            disk = existing_parent(folder).stat().st_dev
+            needed, folders, whats = needs.get(disk, (0, [], []))
+            needs[disk] = (needed + size, folders + [folder], whats + [what])
+    for needed, folders, whats in needs.values():
+        # What the run will replace (old checkpoints, the previous out/, old offload files) counts as free.
         replaced = sum(path.stat().st_size for folder in folders if Path(folder).exists()
                        for path in Path(folder).rglob("*") if path.is_file())
         free = shutil.disk_usage(existing_parent(folders[0])).free + replaced
         if free < needed:
             raise SystemExit(
                 f"finetune.py: the disk holding {' and '.join(f + '/' for f in folders)} has {free / 1e9:.3f} GB free, "
-                f"but this run needs {needed / 1e9:.3f} GB: the model ({model_bytes / 1e9:.3f} GB) and up to "
-                f"{CHECKPOINTS['keep'] + 1} checkpoints of {checkpoint_bytes / 1e9:.3f} GB. Free some space, point "
-                f"FILES at a larger disk, or set CHECKPOINTS['every_steps'] = None (no resume after a crash)."
+                f"but this run needs {needed / 1e9:.3f} GB there: {', '.join(whats)}. Free some space, point FILES "
+                f"(or OFFLOAD['nvme_path']) at a larger disk, or set CHECKPOINTS['every_steps'] = None (no resume "
+                f"after a crash)."
             )
+    offload = f" + {nvme_bytes / 1e9:.1f} GB of optimizer state in {OFFLOAD['nvme_path']}/" if nvme_bytes else ""
     if not CHECKPOINTS["every_steps"]:
-        return f"Disk: {model_bytes / 1e9:.1f} GB for the model; no checkpoints (a killed run starts over)."
-    return (f"Disk: {model_bytes / 1e9:.1f} GB for the model, up to {checkpoints_bytes / 1e9:.1f} GB of checkpoints "
-            f"({CHECKPOINTS['keep'] + 1} x {checkpoint_bytes / 1e9:.1f} GB, every {CHECKPOINTS['every_steps']} steps).")
+        return f"Disk: {model_bytes / 1e9:.1f} GB for the model{offload}; no checkpoints (a killed run starts over)."
+    return (f"Disk: {model_bytes / 1e9:.1f} GB for the model{offload}, up to {checkpoints_bytes / 1e9:.1f} GB of "
+            f"checkpoints ({CHECKPOINTS['keep'] + 1} x {checkpoint_bytes / 1e9:.1f} GB, every "
+            f"{CHECKPOINTS['every_steps']} steps).")
 
 
 def existing_parent(folder):
@@ -491,6 +545,9 @@ def find_checkpoint(checkpoint_dir, identity, arguments):
                 f"(see {run_file}). Delete {checkpoint_dir}/ to start over, or restore those settings to resume.")
         if first:
             print(f"Resuming from {complete[-1]} (delete {checkpoint_dir}/ to start over instead).")
+            if LORA is None and OFFLOAD["optimizer"] == "nvme":  # tests/test_resume.py measures the difference
+                print("With the optimizer state on disk, DeepSpeed 0.19.8 restores the weights exactly but starts "
+                      "Adam's step count over: the run goes on close to, not exactly as, an uninterrupted one.")
         return complete[-1]
     if first:  # starting over: old checkpoints must not be mixed with the new run's
         for path in complete:

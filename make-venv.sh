@@ -23,4 +23,25 @@ echo 'export TORCH_EXTENSIONS_DIR="$VIRTUAL_ENV/torch_extensions"' >> venv/bin/a
 export TORCH_EXTENSIONS_DIR="$PWD/venv/torch_extensions"
 echo "Compiling DeepSpeed's CPU Adam op (once, about a minute) ..."
 python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
+
+# OFFLOAD["optimizer"] = "nvme" (finetune.py) needs DeepSpeed's async I/O op, which needs libaio. Without the
+# system's (apt install libaio-dev), Debian/Ubuntu's packages are unpacked into the venv (no root needed).
+if ! echo '#include <libaio.h>' | cc -E - > /dev/null 2>&1; then
+  echo "Fetching libaio into venv/libaio (for OFFLOAD 'nvme') ..."
+  mkdir -p venv/libaio/lists/partial
+  if apt-get -qq -o Dir::State::Lists="$PWD/venv/libaio/lists" update > /dev/null 2>&1 &&
+     (cd venv/libaio && { apt-get -qq -o Dir::State::Lists="$PWD/lists" download libaio-dev libaio1t64 ||
+                          apt-get -qq -o Dir::State::Lists="$PWD/lists" download libaio-dev libaio1; }) > /dev/null 2>&1; then
+    for deb in venv/libaio/*.deb; do dpkg -x "$deb" venv/libaio; done
+    lib=$(dirname "$(find "$PWD/venv/libaio/usr/lib" -name 'libaio.so*' | head -1)")
+    echo "export CPATH=\"$PWD/venv/libaio/usr/include\" LIBRARY_PATH=\"$lib\" LD_LIBRARY_PATH=\"$lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}\"" >> venv/bin/activate
+    . venv/bin/activate
+  else
+    echo "Could not fetch libaio: OFFLOAD 'nvme' will not work until it is installed (apt install libaio-dev)."
+  fi
+fi
+if echo '#include <libaio.h>' | cc -E - > /dev/null 2>&1; then
+  echo "Compiling DeepSpeed's async I/O op (once, about two minutes) ..."
+  python -c "from deepspeed.ops.op_builder import AsyncIOBuilder; AsyncIOBuilder().load()"
+fi
 echo "Done. Activate with:  . venv/bin/activate"

@@ -65,5 +65,17 @@ def run_finetune(settings, gpus=1, timeout=600, expect_failure=False):
     return result.stdout + result.stderr
 
 
+@pytest.fixture
+def small_disk(tmp_path, request):
+    """A real small file system (tmpfs, 1 MiB unless the test's `disk_size` mark says): a full disk, for real."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    size = request.node.get_closest_marker("disk_size").args[0] if request.node.get_closest_marker("disk_size") else "1m"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)])
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "disk_size(size): size of the small_disk tmpfs, e.g. '32m'")

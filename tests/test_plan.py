@@ -32,9 +32,53 @@ def test_desktop_with_64_gib_ram_is_stopped_before_loading(gptj_6b_run, configur
         finetune.main()
     message = str(stopped.value)
     print(message)
-    assert "needs ~136 GiB of host RAM at its peak" in message
-    assert "This machine has 64 GiB (free RAM + swap)" in message
+    assert "needs ~136 GiB of host RAM at its peak (full fine-tuning, optimizer state in RAM" in message
+    assert "this machine has 64 GiB (free RAM + swap)" in message
+    # The settings that would fit, with their measured costs:
+    assert "set OFFLOAD['optimizer'] = 'nvme' in finetune.py" in message and "~50 GiB of RAM and ~97 GB of disk" in message
+    assert "set LORA in finetune.py (adapters instead of all weights: ~2 GiB of RAM" in message
     assert not (gptj_6b_run / "checkpoints").exists()  # stopped before anything was written
+
+
+def test_the_low_ram_setting_fits_64_gib_and_says_what_it_needs(gptj_6b_run, configure, tmp_path):
+    configure(finetune.PLAN, host_ram_gib=64, gpu_memory_gib=24)
+    configure(finetune.OFFLOAD, optimizer="nvme", nvme_path=str(tmp_path / "nvme"))
+    configure(finetune.TRAINING, per_device_train_batch_size=8)
+    plan = finetune.check_memory(finetune.count_parameters(finetune.MODEL), 2048)
+    assert "Host RAM: ~50.3 GiB at peak (full fine-tuning, optimizer state on disk), 64.0 GiB available" in plan
+    assert "GPU memory: ~19.4 GiB per GPU at per_device_train_batch_size=8" in plan
+
+
+def test_a_32_gib_desktop_is_offered_lora_only(gptj_6b_run, configure, tmp_path):
+    configure(finetune.PLAN, host_ram_gib=32, gpu_memory_gib=24)
+    configure(finetune.OFFLOAD, optimizer="nvme", nvme_path=str(tmp_path / "nvme"))
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main()
+    message = str(stopped.value)
+    assert "needs ~50 GiB of host RAM at its peak (full fine-tuning, optimizer state on disk" in message
+    assert "OFFLOAD['optimizer'] = 'nvme'" not in message and "set LORA in finetune.py" in message
+
+
+@pytest.mark.disk_size("64m")
+def test_the_low_ram_setting_checks_the_disk_of_its_files(small_disk, gptj_6b_run, configure):
+    configure(finetune.OFFLOAD, optimizer="nvme", nvme_path=str(small_disk / "nvme"))
+    configure(finetune.CHECKPOINTS, every_steps=None)
+    with pytest.raises(SystemExit, match=r"the disk holding .*/nvme/ has 0.067 GB free, but this run needs 96.8\d\d GB "
+                                         r"there: the optimizer state's files \(96.8\d\d GB\)\. Free some space"):
+        finetune.check_disk(finetune.count_parameters(finetune.MODEL), finetune.FILES)
+
+
+@pytest.mark.parametrize("gpu_gib, batch", [(24, 5), (16, 1), (12, 0)])
+def test_lora_plan_agrees_with_the_measured_batches(gpu_gib, batch, configure):
+    configure(finetune.__dict__, LORA={"r": 16, "target_modules": ["q_proj", "v_proj"]})
+    assert finetune.largest_batch(gpu_gib, 2048) == batch  # bench/results.json: lora-24, lora-16
+
+
+def test_lora_on_a_card_too_small_for_the_model_is_told_to_train_fully(configure):
+    configure(finetune.__dict__, LORA={"r": 16, "target_modules": ["q_proj", "v_proj"]})
+    configure(finetune.PLAN, host_ram_gib=32, gpu_memory_gib=12)
+    with pytest.raises(SystemExit, match=r"Not even one sample fits: LoRA keeps the whole FP16 model"):
+        finetune.check_memory(6.05e9, 2048)
 
 
 def test_too_large_batch_is_stopped_with_the_batch_that_fits(gptj_6b_run, configure):
@@ -55,5 +99,5 @@ def test_what_fits_is_said_not_stopped(configure):
     configure(finetune.PLAN, host_ram_gib=256, gpu_memory_gib=24)
     configure(finetune.TRAINING, per_device_train_batch_size=10)
     plan = finetune.check_memory(6.05e9, 2048)
-    assert "Host RAM: ~136.4 GiB at peak" in plan and "256.0 GiB available" in plan
+    assert "Host RAM: ~136.4 GiB at peak (full fine-tuning, optimizer state in RAM), 256.0 GiB available" in plan
     assert "GPU memory: ~23.5 GiB per GPU at per_device_train_batch_size=10, 24.0 GiB on the card." in plan
