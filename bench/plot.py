@@ -17,14 +17,15 @@ def main():
 
     records = [r for r in json.loads((HERE / "results.json").read_text()) if r.get("ok") and r["gpus"] == 1]
     figure, (memory, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for settings, marker, color in (("ours", "o", "tab:blue"), ("original", "s", "tab:orange")):
+    for settings, marker, color in (("ours", "o", "tab:blue"), ("original", "s", "tab:orange"),
+                                    ("ours-lowram", "v", "tab:red"), ("ours-lora", "D", "tab:green")):
         points = sorted((r for r in records if r["settings"] == settings), key=lambda r: r["per_device_batch"])
         batches = [r["per_device_batch"] for r in points]
         memory.plot(batches, [r["peak_total_gpu_mib"] / 1024 for r in points], marker=marker, color=color,
                     label=f"{settings}: whole process (driver)")
         memory.plot(batches, [r["peak_allocated_mib"] / 1024 for r in points], marker=marker, color=color, linestyle=":",
                     label=f"{settings}: PyTorch allocated")
-        steady = [r for r in points if r["grad_accum"] >= 8]
+        steady = [r for r in points if r["grad_accum"] >= 8 or settings == "ours-lora"]  # LoRA: no CPU Adam step
         speed.plot([r["per_device_batch"] for r in steady], [r["tokens_per_s"] for r in steady], marker=marker, color=color,
                    linestyle="none", markersize=9, label=f"{settings} (GA {', '.join(str(r['grad_accum']) for r in steady)})")
     for budget in (8, 12, 16, 24):
@@ -32,11 +33,11 @@ def main():
         memory.text(0.6, budget + 0.2, f"{budget} GiB budget", fontsize=7, color="grey")
     memory.set(xlabel="per-device batch (seq 2048)", ylabel="peak GPU memory, GiB", title="GPU memory vs batch")
     speed.set(xlabel="per-device batch (seq 2048)", ylabel="tokens/s (steady optimizer step)",
-              title="Speed in a 24 GiB budget", ylim=(0, 4000), xlim=(0, 12))
+              title="Speed vs batch (within 16 and 24 GiB budgets)", ylim=(0, 10000), xlim=(0, 12))
     memory.legend(fontsize=7)
-    speed.legend(fontsize=7, loc="lower right")
+    speed.legend(fontsize=7, loc="upper right")
     gpu = records[0]["gpu"] if records else "?"
-    figure.suptitle(f"GPT-J-6B, ZeRO-3 with CPU offload, one {gpu} (measured {records[0]['date'] if records else ''})", fontsize=9)
+    figure.suptitle(f"GPT-J-6B, full fine-tuning (ZeRO-3 offload) and LoRA, one {gpu} (measured {records[0]['date'] if records else ''})", fontsize=9)
     figure.tight_layout()
     figure.savefig(HERE / "results.png", dpi=110)
     print(f"wrote {HERE / 'results.png'}")
