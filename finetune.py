@@ -259,7 +259,7 @@ def load_model(model_settings, arguments):
         dtype=torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32,
         use_cache=False,  # the generation cache is useless in training and clashes with gradient checkpointing
         # LoRA: the weights load straight onto this process's GPU, no 12 GB copy in host RAM on the way.
-        device_map={"": arguments.device} if LORA is not None and torch.cuda.is_available() else None,
+        device_map={"": arguments.device} if LORA is not None else None,
     )
     return model if LORA is None else add_adapters(model, LORA)
 
