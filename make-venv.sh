@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Makes venv/ from scratch and installs the pinned requirements (~2 minutes, ~1.5 GB on CPU).
-# Then compiles DeepSpeed's CPU Adam op once (~1 minute), so that no training run waits for it.
+# Makes venv/ from scratch and installs the pinned requirements (~3 minutes, ~1.5 GB on CPU).
+# Then compiles DeepSpeed's CPU Adam op (~1 minute) and async I/O op (~2 minutes) once, so no run waits for them.
 #   ./make-venv.sh && . venv/bin/activate
 # TORCH_PIP_ARGS is passed to the torch install, e.g. a CPU-only index on a machine without a GPU:
 #   TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" ./make-venv.sh
