@@ -166,6 +166,11 @@ def load_tokenizer(model_settings, metadata):
     return tokenizer
 
 
+def optimizer_on_disk():
+    """Full fine-tuning with OFFLOAD["optimizer"] = "nvme": the optimizer state lives in files."""
+    return LORA is None and OFFLOAD["optimizer"] == "nvme"
+
+
 def deepspeed_config(offload):
     """ds_config.py's DS_CONFIG, with NVME_OFFLOAD's entries in place of its own when the optimizer goes to disk."""
     if offload["optimizer"] == "cpu":
@@ -364,7 +369,7 @@ def save(trainer, files, metadata):
         shutil.rmtree(files["checkpoint_dir"])  # the run is complete: its checkpoints only take disk space
         print(f"Removed {files['checkpoint_dir']}/: the run is complete.")
     swap_files = Path(OFFLOAD["nvme_path"]) / "zero_stage_3"  # DeepSpeed's folder inside nvme_path
-    if LORA is None and OFFLOAD["optimizer"] == "nvme" and swap_files.exists():
+    if optimizer_on_disk() and swap_files.exists():
         shutil.rmtree(swap_files)
         print(f"Removed {swap_files}/: the optimizer state's files.")
     if "validation_loss_after" in results:
@@ -397,7 +402,7 @@ def check_memory(parameters, block_size):
     host_available = PLAN["host_ram_gib"] or (meminfo("MemAvailable") + meminfo("SwapFree")) / 2**30
     host_needed = host_ram_needed(parameters)
     setting = "LoRA" if LORA is not None else \
-        f"full fine-tuning, optimizer state {'on disk' if OFFLOAD['optimizer'] == 'nvme' else 'in RAM'}"
+        f"full fine-tuning, optimizer state {'on disk' if optimizer_on_disk() else 'in RAM'}"
     lines = [f"Host RAM: ~{host_needed:.1f} GiB at peak ({setting}), {host_available:.1f} GiB available "
              f"(free RAM + swap)."]
     if host_needed > host_available:
@@ -426,8 +431,7 @@ def host_ram_needed(parameters):
     """GiB of host RAM at peak for the chosen setting (MEASURED)."""
     if LORA is not None:
         return MEASURED["lora_host_gib"]
-    per_parameter = MEASURED["host_bytes_per_parameter_nvme" if OFFLOAD["optimizer"] == "nvme" else
-                             "host_bytes_per_parameter"]
+    per_parameter = MEASURED["host_bytes_per_parameter_nvme" if optimizer_on_disk() else "host_bytes_per_parameter"]
     return per_parameter * parameters / 2**30
 
 
@@ -481,7 +485,7 @@ def check_disk(parameters, files):
     model_bytes = (2 if torch.cuda.is_available() else 4) * parameters  # FP16 on GPUs, FP32 on CPU
     checkpoint_bytes = CHECKPOINT_BYTES_PER_PARAMETER * parameters if LORA is None else 0.01 * model_bytes  # adapters
     checkpoints_bytes = checkpoint_bytes * (CHECKPOINTS["keep"] + 1) if CHECKPOINTS["every_steps"] else 0
-    nvme_bytes = MEASURED["nvme_bytes_per_parameter"] * parameters if LORA is None and OFFLOAD["optimizer"] == "nvme" else 0
+    nvme_bytes = MEASURED["nvme_bytes_per_parameter"] * parameters if optimizer_on_disk() else 0
     parts = [(files["out_dir"], model_bytes, f"the model ({model_bytes / 1e9:.3f} GB)"),
              (files["checkpoint_dir"], checkpoints_bytes,
               f"up to {CHECKPOINTS['keep'] + 1} checkpoints of {checkpoint_bytes / 1e9:.3f} GB"),
@@ -522,7 +526,8 @@ def existing_parent(folder):
 def run_identity(metadata, arguments):
     """What must not change between a run and its resumption: the data, the model, the settings."""
     return {"dataset": {key: metadata[key] for key in ("created", "tokens", "block_size")},
-            "model": MODEL["name"], "training": TRAINING, "lora": LORA, "processes": arguments.world_size}
+            "model": MODEL["name"], "training": TRAINING, "lora": LORA, "processes": arguments.world_size,
+            "optimizer_state": OFFLOAD["optimizer"]}  # DeepSpeed's checkpoints differ between "cpu" and "nvme"
 
 
 def find_complete_checkpoints(checkpoint_dir):
@@ -548,7 +553,7 @@ def find_checkpoint(checkpoint_dir, identity, arguments):
                 f"(see {run_file}). Delete {checkpoint_dir}/ to start over, or restore those settings to resume.")
         if first:
             print(f"Resuming from {complete[-1]} (delete {checkpoint_dir}/ to start over instead).")
-            if LORA is None and OFFLOAD["optimizer"] == "nvme":  # tests/test_resume.py measures the difference
+            if optimizer_on_disk():  # tests/test_resume.py measures the difference
                 print("With the optimizer state on disk, DeepSpeed 0.19.8 restores the weights exactly but starts "
                       "Adam's step count over: the run goes on close to, not exactly as, an uninterrupted one.")
         return complete[-1]
