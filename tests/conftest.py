@@ -58,6 +58,11 @@ def run_finetune(settings, gpus=1, timeout=600, expect_failure=False):
     # A session of its own, like a terminal's foreground job: a Ctrl-C test signals this group, not pytest.
     result = subprocess.run(command, env=environment, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                             start_new_session=True)
+    leftovers = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{command[4]}_*"))
+    for buffer in leftovers:  # a killed run cannot remove its DeepSpeed CPU allreduce buffer (66 MB of RAM each)
+        buffer.unlink(missing_ok=True)
+    if not expect_failure and result.returncode == 0:
+        assert not leftovers, f"finetune.py left {leftovers} in /dev/shm"
     if expect_failure:
         assert result.returncode != 0, "the run was expected to die"
     elif result.returncode != 0:
