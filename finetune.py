@@ -9,6 +9,7 @@ specific to ZeRO-3 or FP16 are marked with `# ZeRO-3:` and `# FP16:`.
 
 import copy
 import errno
+import functools
 import json
 import math
 import os
@@ -258,11 +259,13 @@ def batch_plan(train_samples, training, gpus, block_size):
 def load_model(model_settings, arguments):
     """GPT-J in FP16 on GPUs (FP32 on CPU), partitioned by ZeRO-3 while it loads."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    config = AutoConfig.from_pretrained(model_settings["name"], revision=model_settings["revision"])
     model = AutoModelForCausalLM.from_pretrained(
         model_settings["name"],
         revision=model_settings["revision"],
+        config=one_kernel_gelu(config),
         # FP16: 2 bytes a parameter, 12 GB for GPT-J (the hub's float16 branch holds exactly these).
         dtype=torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32,
         use_cache=False,  # the generation cache is useless in training and clashes with gradient checkpointing
@@ -270,6 +273,16 @@ def load_model(model_settings, arguments):
         device_map={"": arguments.device} if LORA is not None else None,
     )
     return model if LORA is None else add_adapters(model, LORA)
+
+
+def one_kernel_gelu(config):
+    """GPT-J's "gelu_new" is the tanh approximation of GELU written as eight tensor operations, four of whose
+    results are kept for the backward pass: 4 copies of the MLP's widest activation, ~256 MiB a sample in
+    every layer being recomputed. PyTorch's gelu(approximate="tanh") is the same function (the one GPT-J was
+    trained with) in one operation that keeps only its input. out/config.json says so; it loads anywhere."""
+    if getattr(config, "activation_function", None) == "gelu_new":
+        config.activation_function = "gelu_pytorch_tanh"
+    return config
 
 
 def add_adapters(model, lora):
@@ -281,8 +294,9 @@ def add_adapters(model, lora):
     return model
 
 
-def train(model, tokenizer, samples, arguments, checkpoint=None, callbacks=()):
-    """Train, from `checkpoint` if given; failures that have a known cause stop with what to change."""
+def train(model, tokenizer, samples, arguments, checkpoint=None, callbacks=(), models_own_loss=False):
+    """Train, from `checkpoint` if given; failures that have a known cause stop with what to change.
+    models_own_loss: the model's loss instead of causal_lm_loss (the GPU benchmark's "original" settings)."""
     import torch
     from transformers import Trainer, default_data_collator
 
@@ -298,6 +312,7 @@ def train(model, tokenizer, samples, arguments, checkpoint=None, callbacks=()):
         processing_class=tokenizer,  # saved to out/ next to the model
         data_collator=default_data_collator,  # samples are already block_size long, with labels: just stack
         callbacks=list(callbacks),  # the GPU benchmark's step timer
+        compute_loss_func=None if models_own_loss else causal_lm_loss,  # the model's own loss, in less GPU memory
     )
     arguments.eval_on_start = arguments.eval_on_start and checkpoint is None  # measured before the first run
     try:
@@ -320,6 +335,55 @@ def train(model, tokenizer, samples, arguments, checkpoint=None, callbacks=()):
         stop("FP16 overflowed on every step until DeepSpeed's loss scale hit its minimum (the loss became inf/nan). "
              "Lower TRAINING['learning_rate'], or set TRAINING['bf16'] = True on a card with bf16", trainer)
     return trainer
+
+
+def causal_lm_loss(outputs, labels, num_items_in_batch=None):
+    """The Trainer's causal-LM loss (each token predicts the next; labels of -100 are skipped; a sum over the
+    tokens of the whole accumulated batch divided by num_items_in_batch, else the mean), computed without
+    holding fp32 copies of all logits. The model's own loss converts every logit to fp32 and keeps its
+    log-softmax, and backward adds two more fp32 copies: with GPT-J's 50,400-token vocabulary that is
+    ~1.2 GB a sample of 2048 tokens, most of what a sample costs on the GPU. Here they exist for one chunk
+    of tokens at a time."""
+    import torch
+
+    labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]  # the next token is each one's label
+    logits = outputs.logits.flatten(0, 1)
+    total = chunked_cross_entropy().apply(logits, labels.flatten().to(logits.device))
+    if num_items_in_batch is None:
+        return total / (labels != -100).sum()
+    return total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+
+
+@functools.cache  # one class, made on first use: torch is imported only when needed
+def chunked_cross_entropy():
+    import torch
+
+    class ChunkedCrossEntropy(torch.autograd.Function):
+        """Summed cross-entropy of logits (tokens x vocabulary, FP16 or fp32) against labels, a chunk of
+        tokens at a time in fp32: forward keeps only the logits; backward recomputes each chunk and writes its
+        gradient into one tensor of the logits' size and type. Same values as F.cross_entropy on fp32 logits."""
+
+        @staticmethod
+        def forward(context, logits, labels, chunk_tokens=1024):
+            context.save_for_backward(logits, labels)
+            context.chunk_tokens = chunk_tokens
+            return sum(torch.nn.functional.cross_entropy(rows.float(), targets, ignore_index=-100, reduction="sum")
+                       for rows, targets in zip(logits.split(chunk_tokens), labels.split(chunk_tokens)))
+
+        @staticmethod
+        def backward(context, grad_total):
+            logits, labels = context.saved_tensors
+            grad = torch.empty_like(logits)
+            chunks = zip(logits.split(context.chunk_tokens), labels.split(context.chunk_tokens),
+                         grad.split(context.chunk_tokens))
+            for rows, targets, rows_grad in chunks:
+                with torch.enable_grad():
+                    rows32 = rows.detach().float().requires_grad_()
+                    loss = torch.nn.functional.cross_entropy(rows32, targets, ignore_index=-100, reduction="sum")
+                    rows_grad.copy_(torch.autograd.grad(loss, rows32, grad_total)[0])
+            return grad, None, None
+
+    return ChunkedCrossEntropy
 
 
 def stop(reason, trainer):

@@ -92,9 +92,21 @@ POINTS = {
 }
 
 
+def point_settings(name):
+    """A point of POINTS by name; "<point>-b<N>" is that point at per-device batch N (e.g. ours-24-b20)."""
+    if name in POINTS:
+        return POINTS[name]
+    base, _, batch = name.rpartition("-b")
+    if base not in POINTS or not batch.isdigit():
+        raise SystemExit(f"gpu_bench.py: no point {name!r}; the points are {', '.join(POINTS)} (or <point>-b<N>)")
+    return dict(POINTS[base], batch=int(batch))
+
+
 def main(names):
     results_file = Path(os.environ.get("BENCH_RESULTS", REPO / "bench" / "results.json"))
-    for name in names or list(POINTS):
+    names = names or list(POINTS)
+    [point_settings(name) for name in names]  # a misspelt point stops here, before hours of others
+    for name in names:
         for record in run_in_own_process(name):
             records = json.loads(results_file.read_text()) if results_file.exists() else []
             results_file.write_text(json.dumps(records + [record], indent=1) + "\n")
@@ -105,13 +117,14 @@ def run_in_own_process(name):
     """One point = one process started like `deepspeed --num_gpus 1` would (RANK, WORLD_SIZE, ...)."""
     environment = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(free_port()))
-    if POINTS[name]["settings"] == "ours":  # what finetune.main() sets; the original project did not
+    point = point_settings(name)
+    if point["settings"] == "ours":  # what finetune.main() sets; the original project did not
         environment["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     command = [sys.executable, __file__, "--point", name]
-    if POINTS[name].get("gpus", 1) > 1:  # through DeepSpeed's launcher, one process per GPU
-        command = ["deepspeed", "--num_gpus", str(POINTS[name]["gpus"]), "--master_port",
+    if point.get("gpus", 1) > 1:  # through DeepSpeed's launcher, one process per GPU
+        command = ["deepspeed", "--num_gpus", str(point["gpus"]), "--master_port",
                    environment["MASTER_PORT"], __file__, "--point", name]
-    limit = host_limit(POINTS[name].get("host_limit_gib"), environment)
+    limit = host_limit(point.get("host_limit_gib"), environment)
     started = time.time()
     result = subprocess.run(command, env=environment, capture_output=True, text=True,
                             preexec_fn=limit["enter"] if limit else None)
@@ -120,7 +133,7 @@ def run_in_own_process(name):
                if line.startswith("BENCH_RECORD ")]
     tail = (result.stdout + result.stderr)[-3000:]
     if not records or records[-1]["ok"] and result.returncode != 0:  # died before or after its last record
-        records.append({**describe(name, POINTS[name]), "ok": False, "exit_code": result.returncode,
+        records.append({**describe(name, point), "ok": False, "exit_code": result.returncode,
                         "failure": failure_reason(tail, result.returncode), "wall_s": round(time.time() - started, 1)})
     for record in records:
         if limit:
@@ -203,6 +216,9 @@ def describe(name, point):
         "grad_accum": point["accumulation"], "seq_len": SEQ_LEN, "cpu_threads": torch.get_num_threads(),
         "optimizer_steps": point["steps"], "offload": point.get("offload", "cpu" if point["settings"] != "ours-lora" else None),
         "lora": point.get("lora"),
+        # finetune.py's memory savers (this session on); the original project had neither
+        "loss": "model's own" if point["settings"] == "original" else "finetune.causal_lm_loss (in chunks)",
+        "activation": "gelu_new" if point["settings"] == "original" else "gelu_pytorch_tanh",
         "command": f"python bench/gpu_bench.py {name}",
     }
 
@@ -214,7 +230,7 @@ def run_point(name):
 
     import torch
 
-    point = POINTS[name]
+    point = point_settings(name)
     import finetune
 
     rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -234,7 +250,8 @@ def run_point(name):
                                  max_steps=point["steps"], logging_steps=1)
         arguments = finetune.training_arguments(ds_config)
         if model is None:
-            model = build_gptj(arguments, point.get("config", {}), point.get("lora"))
+            model = build_gptj(arguments, point.get("config", {}), point.get("lora"),
+                               one_kernel_gelu=point["settings"] != "original")
         samples = random_samples(batch * point["accumulation"] * point["steps"] * gpus, model.config.vocab_size)
         if torch.cuda.is_available():  # each batch's own peaks
             torch.cuda.empty_cache()
@@ -242,7 +259,8 @@ def run_point(name):
         watcher, timer, started = MemoryWatcher(rank, offload["nvme_path"] if ds_config and offload["optimizer"] == "nvme"
                                                 else None), StepTimer(), time.time()
         try:
-            finetune.train(model, None, samples, arguments, callbacks=[timer])  # no tokenizer: nothing is saved
+            finetune.train(model, None, samples, arguments, callbacks=[timer],  # no tokenizer: nothing is saved
+                           models_own_loss=point["settings"] == "original")
         except SystemExit as stopped:  # finetune.train's own stop(): CUDA OOM and the like, said in words
             watcher.stop()
             if stopped.__context__ is not None:  # where it ran out, for the log
@@ -296,7 +314,7 @@ def measure(point, batch, gpus, model, timer, watcher, started):
     }
 
 
-def build_gptj(arguments, overrides, lora=None):
+def build_gptj(arguments, overrides, lora=None, one_kernel_gelu=True):
     """GPT-J-6B's architecture with random weights (seeded: every point starts from the same model), FP16,
     built partitioned (zero.Init) as from_pretrained would; for LoRA, built on the GPU with finetune.py's adapters."""
     import torch
@@ -306,6 +324,8 @@ def build_gptj(arguments, overrides, lora=None):
 
     torch.manual_seed(0)
     config = GPTJConfig(use_cache=False, **overrides)  # the defaults are GPT-J-6B: 28 layers, 4096 wide, 50,400 tokens
+    if one_kernel_gelu:  # as finetune.load_model does; the original project kept GPT-J's 8-operation gelu_new
+        config = finetune.one_kernel_gelu(config)
     dtype = torch.float16 if arguments.fp16 else torch.float32
     if lora is None:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)

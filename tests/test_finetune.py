@@ -58,6 +58,7 @@ def test_validation_loss_goes_down_and_out_reloads_without_deepspeed(trained, ti
     assert math.isclose(log["validation_perplexity_after"], math.exp(after))
     assert f"Validation loss {before:.4f} -> {after:.4f}" in output
     assert "Host RAM: ~0.0 GiB at peak" in output  # the plan, printed before loading
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["activation_function"] == "gelu_pytorch_tanh"
     assert "Disk: 0.0 GB for the model, up to 0.0 GB of checkpoints (2 x 0.0 GB, every 20 steps)." in output
     assert not (tmp_path / "out.partial").exists()
 
@@ -152,6 +153,48 @@ def test_zero3_computes_what_plain_training_computes(tmp_path, tiny_model, confi
           f"largest weight gap {gap:.2e}")
     assert gap < 1e-4
     assert max((zero3_weights[n] - base_weights[n]).abs().max().item() for n in base_weights) > 5e-3
+
+
+def test_loss_in_chunks_is_the_models_own_loss_in_less_memory(tiny_model):
+    """finetune.causal_lm_loss against the model's loss (labels=...): same value, same gradients, with
+    ignored labels and with the Trainer's num_items_in_batch; and what it keeps for backward is the logits
+    themselves, not fp32 copies of them (what lets more samples fit a GPU)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 100), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :10], labels[2, 50:] = -100, -100  # masked tokens are skipped by both
+    for items in (None, torch.tensor(777)):  # evaluation (a mean) / training (a sum over the accumulated batch)
+        own = model(input_ids=ids, labels=labels, **({"num_items_in_batch": items} if items is not None else {})).loss
+        own_grads = torch.autograd.grad(own, list(model.parameters()))
+        outputs, kept = model(input_ids=ids), []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.nbytes) or t, lambda t: t):
+            ours = finetune.causal_lm_loss(outputs, labels, num_items_in_batch=items)
+        ours_grads = torch.autograd.grad(ours, list(model.parameters()))
+        assert ours.item() == pytest.approx(own.item(), rel=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(ours_grads, own_grads))
+        # the logits, the labels and a scalar or two, nothing more (the model's own keeps an fp32 log-softmax)
+        assert sum(kept) <= outputs.logits.nbytes + labels.nbytes + 64, (kept, outputs.logits.nbytes)
+
+    # FP16 logits (as on a GPU), more tokens than a chunk: the gradient is fp32's, rounded once to FP16.
+    logits = (torch.randn(3000, 500, generator=torch.Generator().manual_seed(1)) * 3).half().requires_grad_()
+    targets = torch.randint(0, 500, (3000,), generator=torch.Generator().manual_seed(2))
+    targets[::7] = -100
+    expected = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    total = finetune.chunked_cross_entropy().apply(logits, targets)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.equal(torch.autograd.grad(total, logits)[0], torch.autograd.grad(expected, logits)[0])
+
+
+def test_one_kernel_gelu_is_gptjs_gelu(tiny_model):
+    """finetune.load_model swaps GPT-J's 8-operation "gelu_new" for PyTorch's one-kernel tanh GELU: the
+    same function, so the same model."""
+    own = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert own.config.activation_function == "gelu_new"
+    swapped = AutoModelForCausalLM.from_pretrained(tiny_model, config=finetune.one_kernel_gelu(own.config.__class__.from_pretrained(tiny_model)))
+    assert swapped.config.activation_function == "gelu_pytorch_tanh"
+    ids = torch.randint(0, own.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(own(input_ids=ids).logits, swapped(input_ids=ids).logits, atol=1e-5)
 
 
 def test_two_processes_train_and_save_one_model(tmp_path, tiny_model, configure):
