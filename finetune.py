@@ -75,12 +75,17 @@ MEASURED = {
     "host_bytes_per_parameter_nvme": 8.92,  # OFFLOAD "nvme": 50.3 GiB (FP16 weights and gradients; the rest on disk)
     "nvme_bytes_per_parameter": 16,  # OFFLOAD "nvme": the files, 96.8 GB (fp32 master, m, v and gradients)
     "lora_host_gib": 2,  # LORA: the weights go straight to the GPU; host RAM is Python's and the libraries'
-    # GPU memory, whole process (allocator + CUDA context): a fixed part + a part per sample of 2048 tokens.
-    "gpu_mib_fixed": 2993,  # full fine-tuning: the weights visit the GPU a layer at a time
-    "lora_gpu_mib_fixed": 12767,  # LORA: the whole FP16 model (11.5 GiB) sits on the GPU
-    "gpu_mib_per_sample": 2105,  # both: activations, and the LM head's fp32 logits (413 MB a sample)
-    # Speed on one H200, tokens/s within 24 GiB: full fine-tuning at B=8 GA 8 (optimizer state in RAM / on disk),
-    # LoRA at its largest batch, 5:
+    # GPU memory of the whole process (allocator + CUDA context), samples of 2048 tokens. Full fine-tuning:
+    # the largest per-device batch that ran within each card size (GiB); the weights visit the GPU a layer
+    # at a time, and a sample adds ~737 MiB (activation checkpoints, its logits), used above 24 GiB.
+    "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},
+    "gpu_mib_per_sample": 737,
+    # LORA: the whole FP16 model (11.5 GiB) sits on the GPU, + per sample (measured before causal_lm_loss
+    # and one_kernel_gelu saved ~1.3 GiB a sample for full fine-tuning: an upper bound now).
+    "lora_gpu_mib_fixed": 12767,
+    "lora_gpu_mib_per_sample": 2105,
+    # Speed on one H200, tokens/s within 24 GiB, compared like for like: full fine-tuning at B=8 GA 8 (optimizer
+    # state in RAM / on disk), LoRA at its largest batch then, 5 (before causal_lm_loss; B=26 in RAM now: 6,345):
     "tokens_per_s": {"cpu": 2874, "nvme": 862, "lora": 9486},
 }
 
@@ -262,13 +267,13 @@ def load_model(model_settings, arguments):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_settings["name"], revision=model_settings["revision"])
+    config.use_cache = False  # the generation cache is useless in training and clashes with gradient checkpointing
     model = AutoModelForCausalLM.from_pretrained(
         model_settings["name"],
         revision=model_settings["revision"],
         config=one_kernel_gelu(config),
         # FP16: 2 bytes a parameter, 12 GB for GPT-J (the hub's float16 branch holds exactly these).
         dtype=torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32,
-        use_cache=False,  # the generation cache is useless in training and clashes with gradient checkpointing
         # LoRA: the weights load straight onto this process's GPU, no 12 GB copy in host RAM on the way.
         device_map={"": arguments.device} if LORA is not None else None,
     )
@@ -321,9 +326,9 @@ def train(model, tokenizer, samples, arguments, checkpoint=None, callbacks=(), m
         stop("stopped by Ctrl-C (or the launcher)", trainer)
     except torch.OutOfMemoryError:
         fits = largest_batch(gpu_memory_gib(), MODEL["block_size"])
+        measured = f" (measured on GPT-J-6B: {fits} fits this {gpu_memory_gib():.0f} GiB card)" if fits else ""
         stop(f"CUDA ran out of GPU memory at per_device_train_batch_size={TRAINING['per_device_train_batch_size']}. "
-             f"Lower it (measured on GPT-J-6B: {fits} fits this {gpu_memory_gib():.0f} GiB card) and raise "
-             f"gradient_accumulation_steps to keep the full batch", trainer)
+             f"Lower it{measured} and raise gradient_accumulation_steps to keep the full batch", trainer)
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
@@ -361,7 +366,8 @@ def chunked_cross_entropy():
     class ChunkedCrossEntropy(torch.autograd.Function):
         """Summed cross-entropy of logits (tokens x vocabulary, FP16 or fp32) against labels, a chunk of
         tokens at a time in fp32: forward keeps only the logits; backward recomputes each chunk and writes its
-        gradient into one tensor of the logits' size and type. Same values as F.cross_entropy on fp32 logits."""
+        gradient over it, since nothing needs the logits once the loss is known (one logits-sized tensor
+        instead of two: ~200 MB a sample less for GPT-J). Same values as F.cross_entropy on fp32 logits."""
 
         @staticmethod
         def forward(context, logits, labels, chunk_tokens=1024):
@@ -373,15 +379,13 @@ def chunked_cross_entropy():
         @staticmethod
         def backward(context, grad_total):
             logits, labels = context.saved_tensors
-            grad = torch.empty_like(logits)
-            chunks = zip(logits.split(context.chunk_tokens), labels.split(context.chunk_tokens),
-                         grad.split(context.chunk_tokens))
-            for rows, targets, rows_grad in chunks:
+            for rows, targets in zip(logits.split(context.chunk_tokens), labels.split(context.chunk_tokens)):
                 with torch.enable_grad():
                     rows32 = rows.detach().float().requires_grad_()
                     loss = torch.nn.functional.cross_entropy(rows32, targets, ignore_index=-100, reduction="sum")
-                    rows_grad.copy_(torch.autograd.grad(loss, rows32, grad_total)[0])
-            return grad, None, None
+                    rows_grad = torch.autograd.grad(loss, rows32, grad_total)[0]
+                rows.copy_(rows_grad)  # the gradient replaces the logits
+            return logits, None, None
 
     return ChunkedCrossEntropy
 
@@ -481,15 +485,17 @@ def check_memory(parameters, block_size):
             f"the kernel's OOM killer would stop the run minutes in. {lower_ram_settings(parameters, host_available)}")
     gpu = gpu_memory_gib()
     if gpu and abs(parameters / MEASURED["parameters"] - 1) < 0.05:  # measured for GPT-J-6B only
-        batch = TRAINING["per_device_train_batch_size"]
-        gpu_needed = (gpu_mib_fixed() + MEASURED["gpu_mib_per_sample"] * batch * block_size / 2048) / 1024
-        lines.append(f"GPU memory: ~{gpu_needed:.1f} GiB per GPU at per_device_train_batch_size={batch}, "
-                     f"{gpu:.1f} GiB on the card.")
-        if gpu_needed > gpu:
-            fits = largest_batch(gpu, block_size)
+        batch, fits = TRAINING["per_device_train_batch_size"], largest_batch(gpu, block_size)
+        if fits is None:
+            lines.append(f"GPU memory: {gpu:.1f} GiB on the card; batches were measured on cards of "
+                         f"{min(MEASURED['largest_batch'])} GiB and more only.")
+            return "\n".join(lines)
+        lines.append(f"GPU memory: per_device_train_batch_size={batch}; up to {fits} fit(s) this {gpu:.1f} GiB card "
+                     f"({setting}, measured on GPT-J-6B).")
+        if batch > fits:
             raise SystemExit(
-                f"finetune.py: per_device_train_batch_size={batch} needs ~{gpu_needed:.1f} GiB of GPU memory "
-                f"(measured on GPT-J-6B, {setting}), but the GPU has {gpu:.1f} GiB. " +
+                f"finetune.py: per_device_train_batch_size={batch} does not fit a {gpu:.1f} GiB GPU ({setting}, "
+                f"measured on GPT-J-6B at {block_size} tokens a sample). " +
                 (f"Set it to {fits} or less, and raise gradient_accumulation_steps to keep the full batch." if fits else
                  "Not even one sample fits: LoRA keeps the whole FP16 model (11.5 GiB) on the GPU. Set LORA = None "
                  "(full fine-tuning visits the GPU a layer at a time)."))
@@ -521,13 +527,22 @@ def lower_ram_settings(parameters, host_available):
     return "Either " + "; or ".join(choices) + "."
 
 
-def gpu_mib_fixed():
-    return MEASURED["lora_gpu_mib_fixed"] if LORA is not None else MEASURED["gpu_mib_fixed"]
-
-
 def largest_batch(gpu_gib, block_size):
-    per_sample = MEASURED["gpu_mib_per_sample"] * block_size / 2048
-    return max(0, int((gpu_gib * 1024 - gpu_mib_fixed()) // per_sample))
+    """The largest per-device batch for a card of gpu_gib, from MEASURED (None below the smallest card measured).
+    Full fine-tuning: between two measured card sizes, the line between them; above the largest, one more
+    sample per gpu_mib_per_sample. A sample's memory grows with its tokens, so shorter blocks fit more."""
+    if LORA is not None:
+        per_sample = MEASURED["lora_gpu_mib_per_sample"] * block_size / 2048
+        return max(0, int((gpu_gib * 1024 - MEASURED["lora_gpu_mib_fixed"]) // per_sample))
+    cards = sorted(MEASURED["largest_batch"].items())
+    if gpu_gib < cards[0][0]:
+        return None
+    batch = cards[-1][1] + (gpu_gib - cards[-1][0]) * 1024 / MEASURED["gpu_mib_per_sample"]
+    for (small_gib, small_batch), (large_gib, large_batch) in zip(cards, cards[1:]):
+        if small_gib <= gpu_gib <= large_gib:
+            batch = small_batch + (large_batch - small_batch) * (gpu_gib - small_gib) / (large_gib - small_gib)
+            break
+    return int(batch * 2048 / block_size + 1e-9)
 
 
 def gpu_memory_gib():

@@ -17,15 +17,22 @@ def main():
 
     records = [r for r in json.loads((HERE / "results.json").read_text()) if r.get("ok") and r["gpus"] == 1]
     figure, (memory, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for settings, marker, color in (("ours", "o", "tab:blue"), ("original", "s", "tab:orange"),
-                                    ("ours-lowram", "v", "tab:red"), ("ours-lora", "D", "tab:green")):
-        points = sorted((r for r in records if r["settings"] == settings), key=lambda r: r["per_device_batch"])
+    current = lambda r: "loss" in r and "note" not in r  # finetune.py with causal_lm_loss and one_kernel_gelu
+    series = (("ours", lambda r: r["settings"] == "ours" and current(r), "o", "tab:blue"),
+              ("ours, before the loss in chunks", lambda r: r["settings"] == "ours" and "loss" not in r, "o", "lightsteelblue"),
+              ("original", lambda r: r["settings"] == "original", "s", "tab:orange"),
+              ("ours-lowram", lambda r: r["settings"] == "ours-lowram", "v", "tab:red"),
+              ("ours-lora", lambda r: r["settings"] == "ours-lora", "D", "tab:green"))
+    for settings, chosen, marker, color in series:
+        points = sorted((r for r in records if chosen(r)), key=lambda r: r["per_device_batch"])
         batches = [r["per_device_batch"] for r in points]
         memory.plot(batches, [r["peak_total_gpu_mib"] / 1024 for r in points], marker=marker, color=color,
                     label=f"{settings}: whole process (driver)")
         memory.plot(batches, [r["peak_allocated_mib"] / 1024 for r in points], marker=marker, color=color, linestyle=":",
                     label=f"{settings}: PyTorch allocated")
         steady = [r for r in points if r["grad_accum"] >= 8 or settings == "ours-lora"]  # LoRA: no CPU Adam step
+        if not points:
+            continue
         speed.plot([r["per_device_batch"] for r in steady], [r["tokens_per_s"] for r in steady], marker=marker, color=color,
                    linestyle="none", markersize=9, label=f"{settings} (GA {', '.join(str(r['grad_accum']) for r in steady)})")
     for budget in (8, 12, 16, 24):
@@ -33,7 +40,7 @@ def main():
         memory.text(0.6, budget + 0.2, f"{budget} GiB budget", fontsize=7, color="grey")
     memory.set(xlabel="per-device batch (seq 2048)", ylabel="peak GPU memory, GiB", title="GPU memory vs batch")
     speed.set(xlabel="per-device batch (seq 2048)", ylabel="tokens/s (steady optimizer step)",
-              title="Speed vs batch (within 16 and 24 GiB budgets)", ylim=(0, 10000), xlim=(0, 12))
+              title="Speed vs batch (within 16 and 24 GiB budgets)", ylim=(0, 10000), xlim=(0, 28))
     memory.legend(fontsize=7)
     speed.legend(fontsize=7, loc="upper right")
     gpu = records[0]["gpu"] if records else "?"
