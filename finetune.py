@@ -264,7 +264,7 @@ def batch_plan(train_samples, training, gpus, block_size):
 def load_model(model_settings, arguments):
     """GPT-J in FP16 on GPUs (FP32 on CPU), partitioned by ZeRO-3 while it loads."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
     config = AutoConfig.from_pretrained(model_settings["name"], revision=model_settings["revision"])
     config.use_cache = False  # the generation cache is useless in training and clashes with gradient checkpointing
@@ -277,7 +277,10 @@ def load_model(model_settings, arguments):
         # LoRA: the weights load straight onto this process's GPU, no 12 GB copy in host RAM on the way.
         device_map={"": arguments.device} if LORA is not None else None,
     )
-    return model if LORA is None else add_adapters(model, LORA)
+    if LORA is None:
+        return model
+    set_seed(arguments.seed)  # the adapters start random: same seed, same run (the Trainer seeds only later)
+    return add_adapters(model, LORA)
 
 
 def one_kernel_gelu(config):

@@ -216,7 +216,7 @@ def test_lora_trains_adapters_and_saves_a_plain_merged_model(tmp_path, tiny_mode
     adapters also go on its output layer (q_proj and v_proj alone barely move a random model's loss)."""
     dataset_dir = make_dataset(tmp_path, tiny_model, configure)
     lora = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "lm_head"]}
-    run = {**settings_for(tmp_path, tiny_model, dataset_dir, learning_rate=1e-2), "LORA": lora}
+    run = {**settings_for(tmp_path, tiny_model, dataset_dir, learning_rate=3e-3), "LORA": lora}
     output = run_finetune(run)
     assert "trainable params" in output
     log = json.loads((tmp_path / "out" / "finetune_log.json").read_text())
@@ -228,3 +228,9 @@ def test_lora_trains_adapters_and_saves_a_plain_merged_model(tmp_path, tiny_mode
     changed = {name for name in base if not torch.equal(tuned[name], base[name])}
     assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight", "lm_head.weight")) for name in changed)
     assert "lm_head.weight" in changed and any(name.endswith("q_proj.weight") for name in changed)
+    # Same seed, same run: the adapters' random start is seeded too.
+    run["FILES"] = {**run["FILES"], "out_dir": str(tmp_path / "out-again")}
+    run_finetune(run)
+    again = json.loads((tmp_path / "out-again" / "finetune_log.json").read_text())
+    losses = lambda log: [entry["loss"] for entry in log["log_history"] if "loss" in entry]
+    assert losses(again) == losses(log)
