@@ -51,7 +51,8 @@ NVME_PATH = os.environ.get("BENCH_NVME_PATH", "/tmp/nvme_offload")  # the "nvme"
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=2048, vocab_size=512)  # for smoke-cpu points
 
-# name: settings ("ours" = finetune.py + ds_config.py as they are), VRAM budget, batch, accumulation,
+# name: settings ("ours" = finetune.py + ds_config.py as they are: host memory pinned where the RAM holds it,
+# finetune.pin_host_memory; records say "pin_memory"), VRAM budget, batch, accumulation,
 # optimizer steps (the first carries CPU Adam's state allocation; the last is reported), DeepSpeed overrides.
 # Any point runs at another batch as "<point>-b<N>" (e.g. ours-24-b27). The "ours" batches are the largest
 # measured to fit since causal_lm_loss and one_kernel_gelu (third session; bench/RESULTS.md).
@@ -72,11 +73,14 @@ POINTS = {
     "lowram-24": dict(settings="ours-lowram", budget=24, batch=8, accumulation=8, steps=3, offload="nvme",
                       host_limit_gib=64),  # B=10 ran out of GPU memory (22,161 MiB) before its first step
     "ours-24-b8": dict(settings="ours", budget=24, batch=8, accumulation=8, steps=3),
-    # Speed levers not run yet: pinned host memory for both offloads (~154 GiB of host RAM), and the
-    # optimizer offloaded alone (the FP16 weights stay on the GPU: fewer samples fit).
+    # Pinned host memory for both offloads, whatever the RAM (154 GiB peak), and never (a host with less).
     "ours-24-pinned": dict(settings="ours", budget=24, batch=26, accumulation=8, steps=2,
                            ds={"zero_optimization": {"offload_param": {"pin_memory": True},
                                                      "offload_optimizer": {"pin_memory": True}}}),
+    "ours-24-unpinned": dict(settings="ours", budget=24, batch=26, accumulation=8, steps=2,
+                             ds={"zero_optimization": {"offload_param": {"pin_memory": False},
+                                                       "offload_optimizer": {"pin_memory": False}}}),
+    # Not run yet: the optimizer offloaded alone (the FP16 weights stay on the GPU: fewer samples fit).
     "ours-24-optonly": dict(settings="ours", budget=24, batch=4, accumulation=16, steps=2,
                             ds={"zero_optimization": {"offload_param": {"device": "none"},
                                                       "offload_optimizer": {"pin_memory": True}}}),
@@ -241,13 +245,18 @@ def run_point(name):
         total = torch.cuda.get_device_properties(0).total_memory
         allocator_cap = (point["budget"] - OUTSIDE_ALLOCATOR_GIB) * 2**30
         torch.cuda.set_per_process_memory_fraction(allocator_cap / total)
-    offload = {"optimizer": point.get("offload", "cpu"), "nvme_path": NVME_PATH}
-    ds_config = None if point.get("lora") else merge(copy.deepcopy(finetune.deepspeed_config(offload)), point.get("ds", {}))
+    finetune.OFFLOAD.update(optimizer=point.get("offload", "cpu"), nvme_path=NVME_PATH)
+    finetune.LORA = point.get("lora")
+    pinned = finetune.pin_host_memory(count_parameters(point.get("config", {})))  # "auto": pinned if RAM holds it
+    ds_config = None if point.get("lora") else \
+        merge(copy.deepcopy(finetune.deepspeed_config(finetune.OFFLOAD, pinned)), point.get("ds", {}))
+    offload = finetune.OFFLOAD
     finetune.FILES.update(out_dir="/tmp/bench-out", checkpoint_dir="/tmp/bench-checkpoints")
     finetune.CHECKPOINTS["every_steps"] = None  # a GPT-J checkpoint is ~97 GB: not what is measured here
     model = None
     for batch in point["batches"] if "batches" in point else [point["batch"]]:
         record = describe(name, {**point, "batch": batch})
+        record["pin_memory"] = ds_config["zero_optimization"]["offload_param"]["pin_memory"] if ds_config else None
         finetune.TRAINING.update(per_device_train_batch_size=batch, gradient_accumulation_steps=point["accumulation"],
                                  max_steps=point["steps"], logging_steps=1)
         arguments = finetune.training_arguments(ds_config)
@@ -301,7 +310,7 @@ def measure(point, batch, gpus, model, timer, watcher, started):
         "forward_s": round(forward_s, 3),
         "backward_s": round(micro_step_s - forward_s, 3),
         "optimizer_s": round(micro[-1]["seconds"] - micro_step_s, 3),  # the boundary micro-step's extra time
-        "mfu": round(tokens_per_s * flop_per_token / H100_BF16_FLOPS, 4),
+        "mfu": round(tokens_per_s * flop_per_token / (H100_BF16_FLOPS * gpus), 4),  # per GPU
         "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
         "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20) if torch.cuda.is_available() else None,
         "peak_total_gpu_mib": round(peak_total_mib),
@@ -333,6 +342,15 @@ def build_gptj(arguments, overrides, lora=None, one_kernel_gelu=True):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init on the GPU: seconds, not minutes
         return finetune.add_adapters(AutoModelForCausalLM.from_config(config, dtype=dtype), lora)
+
+
+def count_parameters(overrides):
+    """A GPT-J's parameter count from its config alone (built on the 'meta' device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPTJConfig
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(GPTJConfig(**overrides)).parameters())
 
 
 def model_parameters(model):

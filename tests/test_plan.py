@@ -108,9 +108,54 @@ def test_a_card_smaller_than_any_measured_is_not_stopped(configure):
 
 
 def test_what_fits_is_said_not_stopped(configure):
-    configure(finetune.PLAN, host_ram_gib=256, gpu_memory_gib=24)
+    configure(finetune.PLAN, host_ram_gib=150, gpu_memory_gib=24)
     configure(finetune.TRAINING, per_device_train_batch_size=26)
-    plan = finetune.check_memory(6.05e9, 2048)
-    assert "Host RAM: ~136.4 GiB at peak (full fine-tuning, optimizer state in RAM), 256.0 GiB available" in plan
+    plan = finetune.check_memory(6.05e9, 2048, finetune.pin_host_memory(6.05e9))
+    assert "Host RAM: ~136.4 GiB at peak (full fine-tuning, optimizer state in RAM), 150.0 GiB available" in plan
     assert ("GPU memory: per_device_train_batch_size=26; up to 26 fit(s) this 24.0 GiB card (full fine-tuning, "
             "optimizer state in RAM, measured on GPT-J-6B).") in plan
+
+
+def test_host_memory_is_pinned_where_the_ram_holds_its_peak(configure):
+    configure(finetune.PLAN, host_ram_gib=160, gpu_memory_gib=24)
+    pinned = finetune.pin_host_memory(6.05e9)
+    assert pinned is True  # bench/results.json: ours-24-pinned, 154.1 GiB peak
+    zero = finetune.deepspeed_config(finetune.OFFLOAD, pinned)["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert finetune.DS_CONFIG["zero_optimization"]["offload_param"]["pin_memory"] is False  # ds_config.py untouched
+    plan = finetune.check_memory(6.05e9, 2048, pinned)
+    assert "Host RAM: ~154.1 GiB at peak (full fine-tuning, optimizer state in RAM, pinned), 160.0 GiB available" in plan
+    assert "Not pinned" not in plan
+
+
+def test_below_the_pinned_peak_it_is_not_pinned_and_says_what_pinning_needs(configure):
+    configure(finetune.PLAN, host_ram_gib=150, gpu_memory_gib=24)
+    pinned = finetune.pin_host_memory(6.05e9)
+    assert pinned is False
+    zero = finetune.deepspeed_config(finetune.OFFLOAD, pinned)["zero_optimization"]
+    assert not zero["offload_param"]["pin_memory"] and not zero["offload_optimizer"]["pin_memory"]
+    plan = finetune.check_memory(6.05e9, 2048, pinned)
+    assert "Not pinned: pinned host memory (faster copies to the GPU: 1.4-1.6x the tokens/s measured) would need " \
+           "~154 GiB." in plan
+
+
+def test_pinning_forced_on_a_host_too_small_for_it_is_stopped_with_the_fix(gptj_6b_run, configure):
+    configure(finetune.PLAN, host_ram_gib=150, gpu_memory_gib=24)
+    configure(finetune.OFFLOAD, pin_memory=True)
+    with pytest.raises(SystemExit, match=r"needs ~154 GiB of host RAM at its peak \(full fine-tuning, optimizer state "
+                                         r"in RAM, pinned;.* Either set OFFLOAD\['pin_memory'\] = 'auto' in finetune.py "
+                                         r"\(not pinned: ~136 GiB of RAM"):
+        finetune.main()
+
+
+@pytest.mark.parametrize("setting", [dict(optimizer="nvme"), dict(), dict(pin_memory="yes")])
+def test_no_pinning_without_a_gpu_or_with_the_optimizer_on_disk(setting, configure, tmp_path):
+    configure(finetune.PLAN, host_ram_gib=256, gpu_memory_gib=24 if setting else None)  # None here: no GPU (CPU)
+    configure(finetune.OFFLOAD, nvme_path=str(tmp_path / "nvme"), **setting)
+    if setting.get("pin_memory") == "yes":
+        with pytest.raises(SystemExit, match=r"OFFLOAD\['pin_memory'\] is 'yes'; it must be True, False or 'auto'"):
+            finetune.pin_host_memory(6.05e9)
+        return
+    assert finetune.pin_host_memory(6.05e9) is False
+    assert "Not pinned" not in finetune.check_memory(6.05e9, 2048)
