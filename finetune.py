@@ -77,6 +77,8 @@ MEASURED = {
     # Host RAM, peak RSS per parameter, whatever the batch size:
     "host_bytes_per_parameter": 24.2,  # OFFLOAD "cpu": 136.4 GiB (FP16 weights + fp32 master, Adam m, v, gradients)
     "host_bytes_per_parameter_pinned": 27.35,  # OFFLOAD "cpu", pinned: 154.1 GiB
+    # Each more GPU's process on the host: RAM in use went from 138.2 to 140.7 GiB (pinned 156.8 to 158.9) at 2 GPUs.
+    "host_gib_per_more_gpu": 2.5,
     "host_bytes_per_parameter_nvme": 8.92,  # OFFLOAD "nvme": 50.3 GiB (FP16 weights and gradients; the rest on disk)
     "nvme_bytes_per_parameter": 16,  # OFFLOAD "nvme": the files, 96.8 GB (fp32 master, m, v and gradients)
     "lora_host_gib": 2,  # LORA: the weights go straight to the GPU; host RAM is Python's and the libraries'
@@ -541,12 +543,15 @@ def check_memory(parameters, block_size, pinned=False):
 
 
 def host_ram_needed(parameters, pinned=False):
-    """GiB of host RAM at peak for the chosen setting (MEASURED)."""
+    """GiB of host RAM at peak for the chosen setting (MEASURED), for all of this machine's GPU processes:
+    ZeRO-3 splits the optimizer state between them, so a second GPU adds little."""
     if LORA is not None:
         return MEASURED["lora_host_gib"]
     per_parameter = MEASURED["host_bytes_per_parameter_nvme" if optimizer_on_disk() else
                              "host_bytes_per_parameter_pinned" if pinned else "host_bytes_per_parameter"]
-    return per_parameter * parameters / 2**30
+    # The launcher's processes on this machine: LOCAL_SIZE (deepspeed) or LOCAL_WORLD_SIZE (torchrun).
+    processes = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return per_parameter * parameters / 2**30 + MEASURED["host_gib_per_more_gpu"] * (processes - 1)
 
 
 def lower_ram_settings(parameters, host_available, pinned=False):

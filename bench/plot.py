@@ -18,7 +18,8 @@ def main():
     records = [r for r in json.loads((HERE / "results.json").read_text()) if r.get("ok") and r["gpus"] == 1]
     figure, (memory, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
     current = lambda r: "loss" in r and "note" not in r  # finetune.py with causal_lm_loss and one_kernel_gelu
-    series = (("ours", lambda r: r["settings"] == "ours" and current(r), "o", "tab:blue"),
+    series = (("ours", lambda r: r["settings"] == "ours" and current(r) and not r.get("pin_memory"), "o", "tab:blue"),
+              ("ours, host memory pinned", lambda r: r["settings"] == "ours" and r.get("pin_memory"), "*", "navy"),
               ("ours, before the loss in chunks", lambda r: r["settings"] == "ours" and "loss" not in r, "o", "lightsteelblue"),
               ("original", lambda r: r["settings"] == "original", "s", "tab:orange"),
               ("ours-lowram", lambda r: r["settings"] == "ours-lowram", "v", "tab:red"),
@@ -40,9 +41,9 @@ def main():
         memory.text(0.6, budget + 0.2, f"{budget} GiB budget", fontsize=7, color="grey")
     memory.set(xlabel="per-device batch (seq 2048)", ylabel="peak GPU memory, GiB", title="GPU memory vs batch")
     speed.set(xlabel="per-device batch (seq 2048)", ylabel="tokens/s (steady optimizer step)",
-              title="Speed vs batch (within 16 and 24 GiB budgets)", ylim=(0, 10000), xlim=(0, 28))
+              title="Speed vs batch (within 16 and 24 GiB budgets)", ylim=(0, 11000), xlim=(0, 28))
     memory.legend(fontsize=7)
-    speed.legend(fontsize=7, loc="upper right")
+    speed.legend(fontsize=7, loc="lower right")
     gpu = records[0]["gpu"] if records else "?"
     figure.suptitle(f"GPT-J-6B, full fine-tuning (ZeRO-3 offload) and LoRA, one {gpu} (measured {records[0]['date'] if records else ''})", fontsize=9)
     figure.tight_layout()

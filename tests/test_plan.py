@@ -159,3 +159,11 @@ def test_no_pinning_without_a_gpu_or_with_the_optimizer_on_disk(setting, configu
         return
     assert finetune.pin_host_memory(6.05e9) is False
     assert "Not pinned" not in finetune.check_memory(6.05e9, 2048)
+
+
+@pytest.mark.parametrize("host_gib, pinned", [(157, True), (156, False)])
+def test_two_gpus_of_one_host_need_a_little_more_ram(host_gib, pinned, configure, monkeypatch):
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # what `deepspeed --num_gpus 2` sets in each process
+    configure(finetune.PLAN, host_ram_gib=host_gib, gpu_memory_gib=24)
+    assert finetune.host_ram_needed(6.05e9) == pytest.approx(136.4 + 2.5, abs=0.1)  # bench: 2.5 GiB more in use than 1 GPU
+    assert finetune.pin_host_memory(6.05e9) is pinned  # 154.1 + 2.5 (pinned: 2.1 more measured)
