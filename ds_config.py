@@ -12,8 +12,8 @@ DS_CONFIG = {
         "offload_param": {"device": "cpu", "pin_memory": False},
         # Adam runs on the CPU (DeepSpeed's compiled CPU Adam): its fp32 master weights, m and v and the
         # fp32 gradients (~16 bytes per parameter, ~100 GB for GPT-J) never touch the GPU.
-        # pin_memory (both offloads): finetune.py sets it from OFFLOAD["pin_memory"]. Pinned (page-locked) RAM
-        # makes the host<->GPU copies faster (measured 1.4-1.6x the tokens/s) but peaks higher (154 vs 136 GiB).
+        # pin_memory (both offloads): with the optimizer in RAM, finetune.py sets it from OFFLOAD["pin_memory"]. Pinned
+        # (page-locked) RAM makes host<->GPU copies faster (measured 1.4-1.6x the tokens/s) but peaks higher (154 vs 136 GiB).
         "offload_optimizer": {"device": "cpu", "pin_memory": False},
         "overlap_comm": True,  # overlap gradient reduction/copies with the backward pass
         "contiguous_gradients": True,  # copy gradients into one buffer: less GPU fragmentation
