@@ -31,7 +31,7 @@ def use_demo_settings():
     token_split.SETTINGS.update(text_dir=DEMO["text_dir"], dataset_dir=f"{work}/dataset",
                                 tokenizer=f"{work}/tiny-gptj", block_size=DEMO["block_size"],
                                 validation_share=0.1)
-    finetune.MODEL.update(name=f"{work}/tiny-gptj", revision=None, block_size=DEMO["block_size"])
+    finetune.MODEL.update(name=f"{work}/tiny-gptj", revision=None)
     finetune.FILES.update(dataset_dir=f"{work}/dataset", out_dir=f"{work}/out", checkpoint_dir=f"{work}/checkpoints")
     finetune.TRAINING.update(
         per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,

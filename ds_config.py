@@ -2,8 +2,12 @@
 
 "auto" marks every value the HF Trainer owns (batch sizes, accumulation, learning rate, clipping,
 precision, bucket sizes from the model's width): the Trainer fills them in from finetune.py's TRAINING
-dict, so each number lives in one place and the two can never disagree.
+dict, so each number lives in one place and the two can never disagree. deepspeed_config() at the end
+adapts DS_CONFIG to the set-up plan.py chose.
 """
+
+import copy
+from pathlib import Path
 
 DS_CONFIG = {
     "zero_optimization": {
@@ -11,9 +15,8 @@ DS_CONFIG = {
         # Parameters live in host RAM and visit the GPU one layer at a time: 12 GB of FP16 weights off the GPU.
         "offload_param": {"device": "cpu", "pin_memory": False},
         # Adam runs on the CPU (DeepSpeed's compiled CPU Adam): its fp32 master weights, m and v and the
-        # fp32 gradients (~16 bytes per parameter, ~100 GB for GPT-J) never touch the GPU.
-        # pin_memory (both offloads): with the optimizer in RAM, finetune.py sets it from OFFLOAD["pin_memory"]. Pinned
-        # (page-locked) RAM makes host<->GPU copies faster (measured 1.4-1.6x the tokens/s) but peaks higher (154 vs 136 GiB).
+        # fp32 gradients (16 bytes a parameter) never touch the GPU. pin_memory (both offloads): page-locked
+        # RAM, which the GPU copies to and from directly; deepspeed_config() sets it for set-up "ram-pinned".
         "offload_optimizer": {"device": "cpu", "pin_memory": False},
         "overlap_comm": True,  # overlap gradient reduction/copies with the backward pass
         "contiguous_gradients": True,  # copy gradients into one buffer: less GPU fragmentation
@@ -37,7 +40,7 @@ DS_CONFIG = {
         "hysteresis": 2,  # overflows tolerated before the scale drops
         "min_loss_scale": 1,  # a scale stuck here means FP16 has collapsed: lower the learning rate
     },
-    "bf16": {"enabled": "auto"},  # Trainer: TrainingArguments.bf16 (for cards that have it; GPT-J's FP16 weights load fine)
+    "bf16": {"enabled": "auto"},  # Trainer: TrainingArguments.bf16 (cards that have it; GPT-J's FP16 weights load)
     # DeepSpeed's own AdamW, which becomes the compiled CPU Adam because the optimizer is offloaded.
     # No "scheduler" key: the Trainer's own schedule is used (DeepSpeed's WarmupLR starts at LR 0 and never
     # decays, which on a few MB of text never leaves warm-up).
@@ -53,10 +56,10 @@ DS_CONFIG = {
     "wall_clock_breakdown": False,
 }
 
-# ZeRO-Infinity, for finetune.py's OFFLOAD["optimizer"] = "nvme": the optimizer state (fp32 master weights,
-# Adam m and v) lives in files on a disk and is streamed through host RAM a sub-group at a time at each
-# optimizer step, instead of sitting in host RAM (~100 GB for GPT-J). Same arithmetic, same results; slower.
-# These entries replace DS_CONFIG's; finetune.py fills in "nvme_path". Needs DeepSpeed's async I/O op (libaio).
+# ZeRO-Infinity, for set-up "disk": the optimizer state (fp32 master weights, Adam m and v) lives in files on
+# a disk and is streamed through host RAM a sub-group at a time at each optimizer step, instead of sitting
+# in host RAM. Same arithmetic, same results; slower. These entries replace DS_CONFIG's; deepspeed_config()
+# fills in "nvme_path". Needs DeepSpeed's async I/O op (libaio).
 NVME_OFFLOAD = {
     "zero_optimization": {
         "offload_optimizer": {"device": "nvme", "nvme_path": None, "pin_memory": False,
@@ -64,5 +67,23 @@ NVME_OFFLOAD = {
         "sub_group_size": 1e8,  # parameters per swapped chunk: smaller = less RAM, more (smaller) disk requests
     },
     # The async I/O op's request shape (DeepSpeed's recommended defaults for an NVMe SSD).
-    "aio": {"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True},
+    "aio": {"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False,
+            "overlap_events": True},
 }
+
+
+def deepspeed_config(setup, offload_dir):
+    """DS_CONFIG for plan.py's set-up: pinned host buffers for "ram-pinned", NVME_OFFLOAD's entries in place
+    of DS_CONFIG's for "disk", and no DeepSpeed at all for LoRA (the Trainer alone)."""
+    if setup["lora"]:
+        return None
+    config = copy.deepcopy(DS_CONFIG)
+    zero = config["zero_optimization"]
+    if setup["optimizer_state"] == "ram":
+        zero["offload_param"]["pin_memory"] = zero["offload_optimizer"]["pin_memory"] = setup["pinned"]
+    if setup["optimizer_state"] == "disk":
+        for section, entries in NVME_OFFLOAD.items():
+            config.setdefault(section, {}).update(copy.deepcopy(entries))
+        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+        zero["offload_optimizer"]["nvme_path"] = str(Path(offload_dir).resolve())
+    return config

@@ -6,13 +6,13 @@ Prepare once, train from disk: all tokenizing and chunking happens here, and fin
 what this script saved (with the facts it needs to check that the data fits the model).
 """
 
-import json
-import os
 import random
 import shutil
 import sys
 import time
 from pathlib import Path
+
+import artifacts
 
 SETTINGS = {
     "text_dir": "text",  # every *.txt below this folder (sub-folders too) is one document
@@ -23,20 +23,17 @@ SETTINGS = {
     "seed": 42,  # chooses the validation documents or blocks; same seed, same split
 }
 
-METADATA_FILE = "token_split.json"  # written last into the dataset folder: its presence marks it complete
-
 
 def main():
     started = time.time()
-    settings = SETTINGS
-    files = find_text_files(settings["text_dir"])
-    documents, skipped = read_documents(files, settings["text_dir"])
-    tokenizer = load_tokenizer(settings["tokenizer"])
+    files = find_text_files(SETTINGS["text_dir"])
+    documents, skipped = read_documents(files, SETTINGS["text_dir"])
+    tokenizer = load_tokenizer(SETTINGS["tokenizer"])
     token_lists = tokenize(documents, tokenizer)
-    splits, split_method, held_out = split_train_validation(token_lists, tokenizer, settings)
-    metadata = describe(settings, tokenizer, documents, skipped, token_lists, splits, split_method, held_out)
-    save(splits, metadata, settings["dataset_dir"])
-    report(metadata, settings, time.time() - started)
+    split = split_train_validation(token_lists, tokenizer, SETTINGS)
+    facts = dataset_facts(SETTINGS, tokenizer, documents, skipped, token_lists, split)
+    save(split["samples"], facts, SETTINGS["dataset_dir"])
+    report(facts, SETTINGS, time.time() - started)
 
 
 def find_text_files(text_dir):
@@ -132,8 +129,8 @@ def cut_blocks(stream, block_size, pad_id):
 
 
 def split_train_validation(token_lists, tokenizer, settings):
-    """Hold out validation data, reproducibly for a given seed. Returns the splits, a sentence on how,
-    and which documents (by number) or blocks (of the joined stream) were held out.
+    """Hold out validation data, reproducibly for a given seed. Returns the samples of both splits, a
+    sentence on how, and which documents (by number) or blocks (of the joined stream) were held out.
 
     By whole documents where there are enough of them (validation text the model never saw, not even
     the rest of a document it trained on); otherwise by whole blocks of the joined stream."""
@@ -166,7 +163,7 @@ def split_train_validation(token_lists, tokenizer, settings):
             "validation": cut_blocks(validation_stream, block_size, pad_id),
         }
         method = f"by document: {len(held_out)} of {len(token_lists)} documents held out"
-        return splits, method, {"validation_documents": sorted(held_out)}
+        return {"samples": splits, "method": method, "held_out": {"validation_documents": sorted(held_out)}}
 
     # By block: too few or too uneven documents. Whole blocks of the stream are held out.
     blocks = cut_blocks([t for tokens in token_lists for t in tokens], block_size, pad_id)
@@ -183,27 +180,27 @@ def split_train_validation(token_lists, tokenizer, settings):
     else:
         method = (f"by block: {validation_count} of {block_count} blocks held out "
                   f"(too few documents, or too uneven, to hold out whole ones)")
-    return splits, method, {"validation_blocks": sorted(validation_blocks)}
+    return {"samples": splits, "method": method, "held_out": {"validation_blocks": sorted(validation_blocks)}}
 
 
-def describe(settings, tokenizer, documents, skipped, token_lists, splits, split_method, held_out):
+def dataset_facts(settings, tokenizer, documents, skipped, token_lists, split):
     """The facts finetune.py checks before it loads the model, and a record of what went in."""
     counts = {
         name: {
-            "samples": len(split["input_ids"]),
-            "tokens": sum(sum(mask) for mask in split["attention_mask"]),
-            "padding_tokens": sum(mask.count(0) for mask in split["attention_mask"]),
+            "samples": len(samples["input_ids"]),
+            "tokens": sum(sum(mask) for mask in samples["attention_mask"]),
+            "padding_tokens": sum(mask.count(0) for mask in samples["attention_mask"]),
         }
-        for name, split in splits.items()
+        for name, samples in split["samples"].items()
     }
     return {
         "tokenizer": settings["tokenizer"],
-        **tokenizer_facts(tokenizer),
+        **artifacts.tokenizer_fingerprint(tokenizer),
         "block_size": settings["block_size"],
         "validation_share": settings["validation_share"],
         "seed": settings["seed"],
-        "split": split_method,
-        **held_out,  # validation_documents or validation_blocks: lets anyone rebuild the split
+        "split": split["method"],
+        **split["held_out"],  # validation_documents or validation_blocks: lets anyone rebuild the split
         "documents": len(documents),
         "tokens": sum(len(tokens) for tokens in token_lists),
         "counts": counts,
@@ -213,63 +210,32 @@ def describe(settings, tokenizer, documents, skipped, token_lists, splits, split
     }
 
 
-def tokenizer_facts(tokenizer):
-    """Size, EOS and a short text's ids: two tokenizers that agree on these are taken to be the same."""
-    return {
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "tokenizer_probe": tokenizer("Hello world, naïve café 123\n", add_special_tokens=False)["input_ids"],
-    }
-
-
-def save(splits, metadata, dataset_dir):
+def save(splits, facts, dataset_dir):
     """Write the dataset next to its final place, then swap it in: an earlier dataset is replaced only
     once the new one is complete, and an interrupted run leaves no folder that looks complete."""
     from datasets import Dataset, DatasetDict
 
-    target = Path(dataset_dir)
-    partial = target.with_name(target.name + ".partial")
+    partial = artifacts.partial_path(dataset_dir)
     shutil.rmtree(partial, ignore_errors=True)
     DatasetDict({name: Dataset.from_dict(split) for name, split in splits.items()}).save_to_disk(str(partial))
-    (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
-    swap_in(partial, target)
+    artifacts.write_dataset_facts(partial, facts)  # last: its presence marks the dataset complete
+    artifacts.swap_in(partial, dataset_dir)
 
 
-def swap_in(partial, target):
-    """Put a completely written folder in place of target with renames (atomic on one disk): at every
-    moment target is either the old complete folder or the new one. Used for datasets and out/."""
-    partial, target = Path(partial), Path(target)
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(partial, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_metadata(dataset_dir):
-    """The facts saved by save(); a clear error if the folder is missing or was never completed."""
-    path = Path(dataset_dir) / METADATA_FILE
-    if not path.is_file():
-        state = "is incomplete (an earlier token_split.py run stopped half-way)" if Path(dataset_dir).exists() \
-            else "does not exist"
-        raise SystemExit(f"the dataset folder '{dataset_dir}' {state}. Run `python token_split.py` first.")
-    return json.loads(path.read_text())
-
-
-def report(metadata, settings, seconds):
-    counts = metadata["counts"]
-    print(f"\nRead {metadata['documents']} files from {settings['text_dir']}/"
-          + (f" (skipped {len(metadata['skipped_files'])} empty)" if metadata["skipped_files"] else "")
-          + f": {metadata['tokens']:,} tokens, EOS after each document.")
-    print(f"Cut into blocks of {metadata['block_size']} tokens: {counts['train']['samples']:,} train samples, "
+def report(facts, settings, seconds):
+    counts = facts["counts"]
+    print(f"\nRead {facts['documents']} files from {settings['text_dir']}/"
+          + (f" (skipped {len(facts['skipped_files'])} empty)" if facts["skipped_files"] else "")
+          + f": {facts['tokens']:,} tokens, EOS after each document.")
+    print(f"Cut into blocks of {facts['block_size']} tokens: {counts['train']['samples']:,} train samples, "
           f"{counts['validation']['samples']:,} validation samples "
           f"({counts['train']['padding_tokens'] + counts['validation']['padding_tokens']} padding tokens in all).")
-    print(f"Validation split {metadata['split']}.")
+    print(f"Validation split {facts['split']}.")
     print(f"Saved to {settings['dataset_dir']}/ in {seconds:.1f} s.\n")
-    import finetune  # its batch settings say what these samples will mean for training
+    import finetune  # its TRAINING settings say what these samples will mean for training
+    import plan
 
-    print(finetune.batch_plan(counts["train"]["samples"], finetune.TRAINING, finetune.gpu_count(), metadata["block_size"]))
+    print(plan.batch_plan(counts["train"]["samples"], finetune.TRAINING, plan.gpu_count(), facts["block_size"]))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def free_port():
 
 def run_finetune(settings, gpus=1, timeout=600, expect_failure=False):
     """`deepspeed --num_gpus N tests/run_finetune.py settings.json`: finetune.main() through the real
-    launcher, with finetune.py's dicts updated from `settings` ({"MODEL": {...}, "TRAINING": {...}})."""
+    launcher, with finetune.py's settings updated from `settings` ({"MODEL": {...}, "SETUP": "ram", ...})."""
     settings_file = Path(settings["FILES"]["out_dir"] + ".settings.json")
     settings_file.parent.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(settings))

@@ -1,6 +1,6 @@
 """Started by the tests through DeepSpeed's launcher: finetune.main() with its dicts updated from a JSON file.
 
-    deepspeed --num_gpus 1 tests/run_finetune.py settings.json   # {"MODEL": {...}, "TRAINING": {...}, ...}
+    deepspeed --num_gpus 1 tests/run_finetune.py settings.json   # {"MODEL": {...}, "SETUP": "ram", ...}
 
 The optional "KILL" entry makes the run kill itself with SIGKILL (what the OOM killer or a power cut
 does: no handler runs, nothing is flushed) at a chosen moment:
@@ -20,6 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
+import artifacts
 import finetune
 
 
@@ -70,7 +71,7 @@ def arm(kill):
         original_train = finetune.train
         finetune.train = lambda *args, **kwargs: original_train(*args, callbacks=[FillDisk()], **kwargs)
     if kill.get("in_final_save"):
-        finetune.summarize = kill_self  # runs after save_model wrote out.partial/, before the swap
+        artifacts.write_training_log = kill_self  # runs after save_model wrote out.partial/, before the swap
 
 
 if __name__ == "__main__":
@@ -79,6 +80,6 @@ if __name__ == "__main__":
     for name, values in settings.items():
         if isinstance(getattr(finetune, name), dict):
             getattr(finetune, name).update(values)
-        else:  # LORA, None by default
+        else:  # SETUP
             setattr(finetune, name, values)
     finetune.main()

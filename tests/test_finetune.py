@@ -7,10 +7,14 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from datasets import load_from_disk
+from transformers import AutoConfig, AutoModelForCausalLM
 
+import artifacts
 import finetune
 import infer_test
+import memory_savers
+import plan
 import token_split
 from conftest import REPO, run_finetune
 
@@ -29,12 +33,22 @@ def make_dataset(tmp_path, tiny_model, configure, block_size=BLOCK_SIZE):
     return str(tmp_path / "dataset")
 
 
+def configure_finetune(configure, settings):
+    """finetune.py's settings for a run in this process (dicts updated, SETUP set), undone after the test."""
+    for name, values in settings.items():
+        if isinstance(values, dict):
+            configure(getattr(finetune, name), **values)
+        else:
+            configure(finetune.__dict__, **{name: values})
+
+
 def settings_for(tmp_path, tiny_model, dataset_dir, **training):
     return {
-        "MODEL": {"name": tiny_model, "revision": None, "block_size": BLOCK_SIZE},
+        "MODEL": {"name": tiny_model, "revision": None},
         "FILES": {"dataset_dir": dataset_dir, "out_dir": str(tmp_path / "out"),
                   "checkpoint_dir": str(tmp_path / "checkpoints")},
         "TRAINING": {**TRAINING, **training},
+        "SETUP": "auto",  # on a CPU: "ram", ZeRO-3 with everything offloaded to the CPU
     }
 
 
@@ -99,13 +113,13 @@ def test_infer_test_refuses_missing_or_incomplete_model(tmp_path, configure):
         infer_test.main()
 
 
-def test_dataset_with_another_block_size_is_refused_before_loading(tmp_path, tiny_model, configure):
-    dataset_dir = make_dataset(tmp_path, tiny_model, configure, block_size=32)
-    for name, values in settings_for(tmp_path, tiny_model, dataset_dir).items():
-        configure(getattr(finetune, name), **values)
-    with pytest.raises(SystemExit, match="blocks of 32 tokens, but MODEL\\['block_size'\\] is 64"):
+def test_dataset_longer_than_the_models_context_is_refused_before_loading(tmp_path, tiny_model, configure):
+    dataset_dir = make_dataset(tmp_path, tiny_model, configure, block_size=512)  # the tiny model's context: 256
+    configure_finetune(configure, settings_for(tmp_path, tiny_model, dataset_dir))
+    with pytest.raises(SystemExit, match="the dataset's blocks of 512 tokens are longer than the model's context "
+                                         "of 256. Lower token_split.py's block_size"):
         finetune.main()
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_dataset_from_another_tokenizer_is_refused(tmp_path, tiny_model, configure):
@@ -113,8 +127,7 @@ def test_dataset_from_another_tokenizer_is_refused(tmp_path, tiny_model, configu
 
     other = tiny_gptj.build(REPO / "demo" / "text" / "essays", str(tmp_path / "other-model"))  # other BPE merges
     dataset_dir = make_dataset(tmp_path, tiny_model, configure)
-    for name, values in settings_for(tmp_path, other, dataset_dir).items():
-        configure(getattr(finetune, name), **values)
+    configure_finetune(configure, settings_for(tmp_path, other, dataset_dir))
     with pytest.raises(SystemExit, match="not the tokenizer of"):
         finetune.main()
 
@@ -130,13 +143,13 @@ def test_zero3_computes_what_plain_training_computes(tmp_path, tiny_model, confi
     zero3_log = json.loads((tmp_path / "zero3" / "out" / "finetune_log.json").read_text())
 
     # Plain: the same finetune.py functions, without DeepSpeed, in this process.
-    for name, values in settings_for(tmp_path / "plain", tiny_model, dataset_dir, **steps).items():
-        configure(getattr(finetune, name), **values)
-    metadata = finetune.check_dataset(dataset_dir, finetune.MODEL)
-    tokenizer = finetune.load_tokenizer(finetune.MODEL, metadata)
-    arguments = finetune.training_arguments(ds_config=None)
-    model = finetune.load_model(finetune.MODEL, arguments)
-    trainer = finetune.train(model, tokenizer, finetune.load_samples(dataset_dir), arguments)
+    configure_finetune(configure, settings_for(tmp_path / "plain", tiny_model, dataset_dir, **steps))
+    facts = artifacts.read_dataset_facts(dataset_dir)
+    config = AutoConfig.from_pretrained(tiny_model)
+    tokenizer = finetune.load_tokenizer(facts, config)
+    arguments = finetune.training_arguments(deepspeed_config=None)
+    model = finetune.load_model(config, {"name": "ram", **plan.SETUPS["ram"]}, arguments)
+    trainer = finetune.train(model, tokenizer, load_from_disk(dataset_dir), arguments)
     plain_log = trainer.state.log_history
 
     zero3_losses = [entry["loss"] for entry in zero3_log["log_history"] if "loss" in entry]
@@ -156,7 +169,7 @@ def test_zero3_computes_what_plain_training_computes(tmp_path, tiny_model, confi
 
 
 def test_loss_in_chunks_is_the_models_own_loss_in_less_memory(tiny_model):
-    """finetune.causal_lm_loss against the model's loss (labels=...): same value, same gradients, with
+    """memory_savers.causal_lm_loss against the model's loss (labels=...): same value, same gradients, with
     ignored labels and with the Trainer's num_items_in_batch; and what it keeps for backward is the logits
     themselves, not fp32 copies of them (what lets more samples fit a GPU)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -168,7 +181,7 @@ def test_loss_in_chunks_is_the_models_own_loss_in_less_memory(tiny_model):
         own_grads = torch.autograd.grad(own, list(model.parameters()))
         outputs, kept = model(input_ids=ids), []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.nbytes) or t, lambda t: t):
-            ours = finetune.causal_lm_loss(outputs, labels, num_items_in_batch=items)
+            ours = memory_savers.causal_lm_loss(outputs, labels, num_items_in_batch=items)
         ours_grads = torch.autograd.grad(ours, list(model.parameters()))
         assert ours.item() == pytest.approx(own.item(), rel=1e-6)
         assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(ours_grads, own_grads))
@@ -181,17 +194,17 @@ def test_loss_in_chunks_is_the_models_own_loss_in_less_memory(tiny_model):
     targets[::7] = -100
     expected = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
     expected_grad = torch.autograd.grad(expected, logits)[0]
-    total = finetune.chunked_cross_entropy().apply(logits, targets)
+    total = memory_savers.ChunkedCrossEntropy.apply(logits, targets)
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert torch.equal(torch.autograd.grad(total, logits)[0], expected_grad)
 
 
 def test_one_kernel_gelu_is_gptjs_gelu(tiny_model):
-    """finetune.load_model swaps GPT-J's 8-operation "gelu_new" for PyTorch's one-kernel tanh GELU: the
+    """finetune.load_model (memory_savers.one_kernel_gelu) swaps GPT-J's 8-operation "gelu_new" for PyTorch's one-kernel tanh GELU: the
     same function, so the same model."""
     own = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert own.config.activation_function == "gelu_new"
-    swapped = AutoModelForCausalLM.from_pretrained(tiny_model, config=finetune.one_kernel_gelu(own.config.__class__.from_pretrained(tiny_model)))
+    swapped = AutoModelForCausalLM.from_pretrained(tiny_model, config=memory_savers.one_kernel_gelu(own.config.__class__.from_pretrained(tiny_model)))
     assert swapped.config.activation_function == "gelu_pytorch_tanh"
     ids = torch.randint(0, own.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -202,7 +215,7 @@ def test_two_processes_train_and_save_one_model(tmp_path, tiny_model, configure)
     """`deepspeed --num_gpus 2`: two ZeRO-3 ranks share the weights; the plan counts both."""
     dataset_dir = make_dataset(tmp_path, tiny_model, configure)
     output = run_finetune(settings_for(tmp_path, tiny_model, dataset_dir, num_train_epochs=2), gpus=2)
-    assert "x 2 GPU(s) = full batch of 16 samples" in output
+    assert "x 2 processes (CPU) = full batch of 16 samples" in output
     log = json.loads((tmp_path / "out" / "finetune_log.json").read_text())
     # The printed plan is what the Trainer really did: 52 samples / 16 -> 4 steps per epoch, 8 in 2 epochs.
     planned = int(re.search(r"optimizer steps per epoch, (\d+) in 2 epoch", output).group(1))
@@ -212,11 +225,11 @@ def test_two_processes_train_and_save_one_model(tmp_path, tiny_model, configure)
 
 
 def test_lora_trains_adapters_and_saves_a_plain_merged_model(tmp_path, tiny_model, configure):
-    """LORA set: PEFT adapters, no DeepSpeed; out/ holds the merged model. The tiny model is random, so the
+    """SETUP "lora": PEFT adapters, no DeepSpeed; out/ holds the merged model. The tiny model is random, so the
     adapters also go on its output layer (q_proj and v_proj alone barely move a random model's loss)."""
     dataset_dir = make_dataset(tmp_path, tiny_model, configure)
     lora = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "lm_head"]}
-    run = {**settings_for(tmp_path, tiny_model, dataset_dir, learning_rate=3e-3), "LORA": lora}
+    run = {**settings_for(tmp_path, tiny_model, dataset_dir, learning_rate=3e-3), "SETUP": "lora", "LORA": lora}
     output = run_finetune(run)
     assert "trainable params" in output
     log = json.loads((tmp_path / "out" / "finetune_log.json").read_text())

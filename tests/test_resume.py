@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import failures
 import finetune
 import tiny_gptj
 from conftest import REPO, run_finetune
-from test_finetune import make_dataset, settings_for
+from test_finetune import configure_finetune, make_dataset, settings_for
 
 # 52 samples, full batch 8: 7 optimizer steps per epoch, 14 in all; a checkpoint every 3 steps.
 RUN = {"num_train_epochs": 2, "learning_rate": 3e-3}
@@ -78,7 +79,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model, dataset, un
 
 
 def test_optimizer_state_on_disk_gives_the_same_model_and_resumes(tmp_path, configure):
-    """OFFLOAD "nvme" (ZeRO-Infinity): the optimizer state lives in files, the arithmetic is the in-RAM run's.
+    """SETUP "disk" (ZeRO-Infinity): the optimizer state lives in files, the arithmetic is the in-RAM run's.
     DeepSpeed keeps state under 1 MiB in RAM, so this tiny GPT-J is twice as wide (~0.7 M parameters, 2.7 MB)."""
     from deepspeed.accelerator import get_accelerator
 
@@ -89,11 +90,12 @@ def test_optimizer_state_on_disk_gives_the_same_model_and_resumes(tmp_path, conf
     in_ram, on_disk, killed = tmp_path / "in-ram", tmp_path / "on-disk", tmp_path / "killed"
     run_finetune(settings(in_ram, wide_model, dataset_dir))
     for folder in on_disk, killed:
-        offload = {"OFFLOAD": {"optimizer": "nvme", "nvme_path": str(folder / "nvme")}}
+        on_disk_run = settings(folder, wide_model, dataset_dir, SETUP="disk")
+        on_disk_run["FILES"]["offload_dir"] = str(folder / "nvme")
         if folder == killed:
-            run_finetune(settings(folder, wide_model, dataset_dir, KILL={"after_step": 5}, **offload), expect_failure=True)
+            run_finetune({**on_disk_run, "KILL": {"after_step": 5}}, expect_failure=True)
             assert list((folder / "nvme").rglob("*.swp"))  # the optimizer state was in files, not in RAM
-        output = run_finetune(settings(folder, wide_model, dataset_dir, **offload))
+        output = run_finetune(on_disk_run)
         assert f"Removed {folder / 'nvme' / 'zero_stage_3'}/" in output and not list((folder / "nvme").rglob("*.swp"))
 
     # Uninterrupted, the run with its optimizer state on disk is the in-RAM run, step for step.
@@ -147,8 +149,7 @@ def test_resume_false_starts_over(tmp_path, tiny_model, dataset, uninterrupted):
 
 def test_disk_too_small_for_checkpoints_stops_before_loading(tmp_path, tiny_model, dataset, configure, small_disk):
     # 1 MiB holds the tiny model's ~0.6 MB FP32 weights but not two of its ~2.5 MB checkpoints.
-    for name, values in settings(tmp_path, tiny_model, dataset).items():
-        configure(getattr(finetune, name), **values)
+    configure_finetune(configure, settings(tmp_path, tiny_model, dataset))
     configure(finetune.FILES, checkpoint_dir=str(small_disk / "checkpoints"), out_dir=str(small_disk / "out"))
     with pytest.raises(SystemExit, match=r"small-disk/out/ and .*small-disk/checkpoints/ has 0.001 GB free, but "
                                          r"this run needs 0.00\d GB"):
@@ -190,6 +191,6 @@ def test_stale_op_build_lock_is_cleared(tmp_path, monkeypatch, capsys):
     hour_ago = time.time() - 3600
     import os
     os.utime(stale, (hour_ago, hour_ago))  # left by a build killed an hour ago
-    finetune.clear_stale_build_locks()
+    failures.clear_stale_build_locks()
     assert not stale.exists() and fresh.exists()  # a build running right now keeps its lock
     assert "left by a DeepSpeed op build that was interrupted" in capsys.readouterr().out

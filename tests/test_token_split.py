@@ -7,6 +7,7 @@ import pytest
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
+import artifacts
 import token_split
 from conftest import write_files
 
@@ -38,7 +39,7 @@ def split(tmp_path, tiny_model, configure):
         configure(token_split.SETTINGS, **settings)
         token_split.main()
         dataset = load_from_disk(str(tmp_path / "dataset"))
-        metadata = json.loads((tmp_path / "dataset" / token_split.METADATA_FILE).read_text())
+        metadata = json.loads((tmp_path / "dataset" / artifacts.DATASET_FACTS).read_text())
         return dataset, metadata
     return run
 
@@ -123,13 +124,13 @@ def test_two_blocks_always_give_validation(split, tiny_model):
 ])
 def test_bad_input_names_the_problem_and_keeps_the_old_dataset(split, tmp_path, files, message, capsys):
     split({"good.txt": PARAGRAPH * 20})  # a complete dataset from an earlier run
-    before = json.loads((tmp_path / "dataset" / token_split.METADATA_FILE).read_text())
+    before = json.loads((tmp_path / "dataset" / artifacts.DATASET_FACTS).read_text())
     for path in (tmp_path / "text").iterdir():
         path.unlink() if path.is_file() else None
     with pytest.raises(SystemExit) as failure:
         split(files)
     assert message in str(failure.value)
-    after = json.loads((tmp_path / "dataset" / token_split.METADATA_FILE).read_text())
+    after = json.loads((tmp_path / "dataset" / artifacts.DATASET_FACTS).read_text())
     assert after == before  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "text"]  # nothing half-written beside it
 
@@ -145,7 +146,7 @@ def test_interrupted_save_leaves_nothing_that_looks_complete(tmp_path):
     # A .partial folder is what an interrupted save leaves; it is never mistaken for a dataset.
     (tmp_path / "dataset.partial").mkdir()
     with pytest.raises(SystemExit, match="does not exist"):
-        token_split.load_metadata(tmp_path / "dataset")
+        artifacts.read_dataset_facts(tmp_path / "dataset")
     (tmp_path / "dataset").mkdir()  # a folder without its metadata file: never completed
     with pytest.raises(SystemExit, match="incomplete"):
-        token_split.load_metadata(tmp_path / "dataset")
+        artifacts.read_dataset_facts(tmp_path / "dataset")

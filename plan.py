@@ -1,0 +1,259 @@
+"""What a run needs against what the machine has, decided before any weights load.
+
+MEASURED holds what each set-up cost GPT-J-6B on the GPU machines (bench/results.json names every record).
+choose_setup() takes SETUP from finetune.py ("auto" or a set-up's name) and returns the set-up that runs, with
+a report that says why, or stops with the settings that would fit. check_disk() does the same for the disks,
+batch_plan() writes out the batch arithmetic.
+"""
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+# Per set-up: host RAM (peak RSS), GPU memory (the largest per-device batch of 2048 tokens per card size, or a
+# fixed part + a part per sample), disk, and speed within a 24 GiB budget (tokens/s); bench/RESULTS.md.
+MEASURED = {
+    "parameters": 6.05e9,  # GPT-J-6B; the GPU figures hold for it only
+    "ram": {
+        "host_bytes_per_parameter": 24.2,  # 136.4 GiB: FP16 weights, fp32 master weights, Adam m and v, gradients
+        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # card GiB: samples (whole process, 2048 tokens)
+        "gpu_mib_per_sample": 737,  # beyond the largest card measured
+        "tokens_per_s": 6010,  # B=26, GA 8
+    },
+    "ram-pinned": {
+        "host_bytes_per_parameter": 27.35,  # 154.1 GiB
+        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # measured unpinned; pinning added 104 MiB at 24 GiB
+        "gpu_mib_per_sample": 737,
+        "tokens_per_s": 8716,  # B=26, GA 8; 9,586 in a second run
+    },
+    "disk": {
+        "host_bytes_per_parameter": 8.92,  # 50.3 GiB: FP16 weights and gradients; the rest in files
+        "disk_bytes_per_parameter": 16,  # 96.8 GB of files: fp32 master weights, Adam m and v, fp32 gradients
+        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # as in RAM (the GPU side is the same)
+        "gpu_mib_per_sample": 737,
+        "tokens_per_s": 862,  # B=8, GA 8 (in RAM at that batch: 2,874); each step reads and writes the files
+    },
+    "lora": {
+        "host_gib": 2,  # the weights go straight to the GPU; host RAM is Python's and the libraries'
+        "gpu_mib_fixed": 12767,  # the whole FP16 model (11.5 GiB) and the CUDA context
+        "gpu_mib_per_sample": 2105,  # measured before the loss in chunks: an upper bound
+        "tokens_per_s": 9486,  # B=5, GA 2
+    },
+    "host_gib_per_more_gpu": 2.5,  # RAM in use went from 138.2 to 140.7 GiB at 2 GPUs (pinned 156.8 to 158.9)
+    "checkpoint_bytes_per_parameter": 16,  # ZeRO's FP16 weights 2 + fp32 master, Adam m and v 12 + 16-bit model 2
+}
+
+# What each set-up is, in the order SETUP = "auto" prefers them: full fine-tuning where the RAM holds it, else
+# LoRA, which is far faster than the optimizer state on disk and wears no SSD; "disk" only when asked for.
+SETUPS = {
+    "ram-pinned": {"description": "full fine-tuning, optimizer state in pinned RAM", "lora": False,
+                   "optimizer_state": "ram", "pinned": True, "needs_gpu": True},
+    "ram": {"description": "full fine-tuning, optimizer state in RAM", "lora": False,
+            "optimizer_state": "ram", "pinned": False, "needs_gpu": False},
+    "lora": {"description": "LoRA adapters, the frozen FP16 model on the GPU", "lora": True,
+             "optimizer_state": "gpu", "pinned": False, "needs_gpu": False},
+    "disk": {"description": "full fine-tuning, optimizer state on disk", "lora": False,
+             "optimizer_state": "disk", "pinned": False, "needs_gpu": False, "only_when_asked": True},
+}
+
+
+def count_parameters(config):
+    """The model's parameter count from its config alone (built on the 'meta' device: no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(parameter.numel() for parameter in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def this_machine(overrides):
+    """The machine to plan for: finetune.py's MACHINE values where set, else this one's readings."""
+    gpu_gib = overrides["gpu_memory_gib"]
+    if gpu_gib is None and torch.cuda.is_available():
+        gpu_gib = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
+    host_gib = overrides["host_ram_gib"] or (meminfo("MemAvailable") + meminfo("SwapFree")) / 2**30
+    # The launcher's processes on this machine: LOCAL_SIZE (deepspeed) or LOCAL_WORLD_SIZE (torchrun).
+    processes = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return {"host_ram_gib": host_gib, "gpu_memory_gib": gpu_gib, "processes_on_host": processes}
+
+
+def meminfo(field):
+    """A /proc/meminfo field in bytes (Linux)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def host_ram_needed(name, parameters, processes=1):
+    """GiB of host RAM at peak for a set-up, for all of this machine's GPU processes: ZeRO-3 splits the
+    optimizer state between them, so each more GPU adds little."""
+    measured = MEASURED[name]
+    if "host_gib" in measured:
+        return measured["host_gib"]
+    return (measured["host_bytes_per_parameter"] * parameters / 2**30
+            + MEASURED["host_gib_per_more_gpu"] * (processes - 1))
+
+
+def largest_batch(name, gpu_gib, block_size):
+    """The largest per-device batch of a set-up on a card of gpu_gib (None below the smallest card measured).
+    From a table of cards: between two, the line between them; above the largest, one more sample per
+    gpu_mib_per_sample. A sample's memory grows with its tokens, so shorter blocks fit more."""
+    measured = MEASURED[name]
+    per_sample = measured["gpu_mib_per_sample"] * block_size / 2048
+    if "gpu_mib_fixed" in measured:
+        return max(0, int((gpu_gib * 1024 - measured["gpu_mib_fixed"]) // per_sample))
+    cards = sorted(measured["largest_batch"].items())
+    if gpu_gib < cards[0][0]:
+        return None
+    batch = cards[-1][1] + (gpu_gib - cards[-1][0]) * 1024 / measured["gpu_mib_per_sample"]
+    for (small_gib, small_batch), (large_gib, large_batch) in zip(cards, cards[1:]):
+        if small_gib <= gpu_gib <= large_gib:
+            batch = small_batch + (large_batch - small_batch) * (gpu_gib - small_gib) / (large_gib - small_gib)
+            break
+    return int(batch * 2048 / block_size + 1e-9)
+
+
+def assess(name, parameters, block_size, batch, machine):
+    """One set-up on this machine: what it needs, and why it does not fit (None if it does)."""
+    host_needed = host_ram_needed(name, parameters, machine["processes_on_host"])
+    gpu_gib, measured_model = machine["gpu_memory_gib"], abs(parameters / MEASURED["parameters"] - 1) < 0.05
+    fits = largest_batch(name, gpu_gib, block_size) if gpu_gib and measured_model else None
+    result = {"name": name, **SETUPS[name], "host_gib": host_needed, "largest_batch": fits, "why_not": None}
+    if SETUPS[name]["needs_gpu"] and not gpu_gib:
+        result["why_not"] = "needs a GPU (pinned host memory is for copies to a GPU)"
+    elif host_needed > machine["host_ram_gib"]:
+        result["why_not"] = (f"needs ~{host_needed:.0f} GiB of host RAM at its peak, more than the "
+                             f"{machine['host_ram_gib']:.0f} GiB this machine has (free RAM + swap)")
+    elif fits is not None and batch > fits:
+        result["why_not"] = (f"per_device_train_batch_size={batch} does not fit a {gpu_gib:.1f} GiB GPU "
+                             f"(up to {fits}, measured on GPT-J-6B at {block_size} tokens a sample)")
+    return result
+
+
+def choose_setup(choice, parameters, block_size, batch, machine):
+    """The set-up that runs: SETUP's, or for "auto" the first of SETUPS that fits. Stops before any weights
+    load if it does not fit, with the set-ups that would. Returns the set-up with a report to print."""
+    if choice != "auto" and choice not in SETUPS:
+        raise SystemExit(f"finetune.py: SETUP is {choice!r}; it must be 'auto' or one of "
+                         f"{', '.join(repr(name) for name in SETUPS)}.")
+    options = [assess(name, parameters, block_size, batch, machine) for name in SETUPS]
+    if choice == "auto":
+        fitting = [option for option in options if not option["why_not"] and not option.get("only_when_asked")]
+        if not fitting:
+            raise SystemExit(f"finetune.py: no set-up fits this machine.\n{table(options, machine)}")
+        setup, why = fitting[0], 'SETUP = "auto": the first of these that fits this machine'
+    else:
+        setup, why = next(option for option in options if option["name"] == choice), f'SETUP = "{choice}"'
+    if setup["why_not"]:
+        others = [f"set SETUP = '{option['name']}' ({option['description']}: ~{option['host_gib']:.0f} GiB of RAM"
+                  f"{speed(option)})" for option in options if not option["why_not"] and option is not setup]
+        raise SystemExit(f"finetune.py: this run ({setup['description']}) {setup['why_not']}; the kernel's OOM "
+                         f"killer or CUDA would stop it minutes in. Either " + "; or ".join(
+                             others + ["use a machine with more RAM, or add swap (slow, but it runs)"]) + ".")
+    lines = [f"Set-up: {setup['name']} ({setup['description']}), from {why}.", table(options, machine),
+             f"Host RAM: ~{setup['host_gib']:.1f} GiB at peak ({setup['description']}), "
+             f"{machine['host_ram_gib']:.1f} GiB available (free RAM + swap)."]
+    if setup["largest_batch"] is not None:
+        lines.append(f"GPU memory: per_device_train_batch_size={batch}; up to {setup['largest_batch']} fit(s) this "
+                     f"{machine['gpu_memory_gib']:.1f} GiB card ({setup['description']}, measured on GPT-J-6B).")
+    elif machine["gpu_memory_gib"] and abs(parameters / MEASURED["parameters"] - 1) < 0.05:
+        lines.append(f"GPU memory: {machine['gpu_memory_gib']:.1f} GiB on the card; batches were measured on cards "
+                     f"of {min(MEASURED[setup['name']].get('largest_batch', {8: 0}))} GiB and more only.")
+    return {**setup, "report": "\n".join(lines)}
+
+
+def table(options, machine):
+    """Every set-up on this machine, one line each: what it needs and its measured speed, or why not."""
+    rows = []
+    for option in options:
+        batch = f", up to {option['largest_batch']} a GPU" if option["largest_batch"] is not None else ""
+        state = option["why_not"] or f"~{option['host_gib']:.1f} GiB of RAM{batch}{speed(option)}"
+        rows.append(f"  {option['name']:<11} {option['description']}: {state}")
+    return "\n".join(rows)
+
+
+def speed(option):
+    return f", {MEASURED[option['name']]['tokens_per_s']:,} tokens/s measured (24 GiB card)"
+
+
+def check_disk(parameters, setup, files, checkpoints, on_gpu):
+    """Stop before training if the disks cannot hold the checkpoints and the final model; else say what they take."""
+    model_bytes = (2 if on_gpu else 4) * parameters  # FP16 on GPUs, FP32 on CPU
+    checkpoint_bytes = (0.01 * model_bytes if setup["lora"] else  # LoRA: the adapters
+                        MEASURED["checkpoint_bytes_per_parameter"] * parameters)
+    checkpoints_bytes = checkpoint_bytes * (checkpoints["keep"] + 1) if checkpoints["every_steps"] else 0
+    offload_bytes = MEASURED["disk"]["disk_bytes_per_parameter"] * parameters if setup["name"] == "disk" else 0
+    parts = [(files["out_dir"], model_bytes, f"the model ({model_bytes / 1e9:.3f} GB)"),
+             (files["checkpoint_dir"], checkpoints_bytes,
+              f"up to {checkpoints['keep'] + 1} checkpoints of {checkpoint_bytes / 1e9:.3f} GB"),
+             (files["offload_dir"], offload_bytes, f"the optimizer state's files ({offload_bytes / 1e9:.3f} GB)")]
+    needs = {}  # per disk: (bytes needed, folders, what they hold)
+    for folder, size, what in parts:
+        if size:
+            disk = existing_parent(folder).stat().st_dev
+            needed, folders, whats = needs.get(disk, (0, [], []))
+            needs[disk] = (needed + size, folders + [folder], whats + [what])
+    for needed, folders, whats in needs.values():
+        # What the run will replace (old checkpoints, the previous out/, old offload files) counts as free.
+        replaced = sum(path.stat().st_size for folder in folders if Path(folder).exists()
+                       for path in Path(folder).rglob("*") if path.is_file())
+        free = shutil.disk_usage(existing_parent(folders[0])).free + replaced
+        if free < needed:
+            raise SystemExit(
+                f"finetune.py: the disk holding {' and '.join(f + '/' for f in folders)} has {free / 1e9:.3f} GB "
+                f"free, but this run needs {needed / 1e9:.3f} GB there: {', '.join(whats)}. Free some space, point "
+                f"FILES at a larger disk, or set CHECKPOINTS['every_steps'] = None (no resume after a crash).")
+    offload = f" + {offload_bytes / 1e9:.1f} GB of optimizer state in {files['offload_dir']}/" if offload_bytes else ""
+    if not checkpoints["every_steps"]:
+        return f"Disk: {model_bytes / 1e9:.1f} GB for the model{offload}; no checkpoints (a killed run starts over)."
+    return (f"Disk: {model_bytes / 1e9:.1f} GB for the model{offload}, up to {checkpoints_bytes / 1e9:.1f} GB of "
+            f"checkpoints ({checkpoints['keep'] + 1} x {checkpoint_bytes / 1e9:.1f} GB, every "
+            f"{checkpoints['every_steps']} steps).")
+
+
+def existing_parent(folder):
+    path = Path(folder).resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def gpu_count():
+    """Processes taking part: the launcher's WORLD_SIZE, else the GPUs this machine has (1 on CPU)."""
+    return int(os.environ.get("WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
+
+
+def batch_plan(train_samples, training, gpus, block_size):
+    """The batch arithmetic, as text: full batch, optimizer steps, and what a partial last step means."""
+    per_device, accumulation = training["per_device_train_batch_size"], training["gradient_accumulation_steps"]
+    full_batch_size = per_device * accumulation * gpus
+    # As the Trainer counts: each GPU gets ceil(samples / (per_device * gpus)) micro-batches per epoch
+    # (with several GPUs the last ones are filled up with repeated samples), and an optimizer step
+    # every `accumulation` micro-batches, the last one with whatever is left.
+    micro_batches = math.ceil(train_samples / (per_device * gpus))
+    steps_per_epoch = math.ceil(micro_batches / accumulation)
+    optimizer_steps = math.ceil(steps_per_epoch * training["num_train_epochs"])
+    last_step_samples = train_samples - (steps_per_epoch - 1) * full_batch_size
+    repeated = micro_batches * per_device * gpus - train_samples if gpus > 1 else 0
+    devices = f"{gpus} GPU{'s' * (gpus > 1)}" if torch.cuda.is_available() else \
+        f"{gpus} process{'es' * (gpus > 1)} (CPU)"
+    lines = [
+        f"Batch plan: {per_device} per device x {accumulation} accumulation x {devices} = full batch of "
+        f"{full_batch_size} samples ({full_batch_size * block_size:,} tokens per optimizer step).",
+        f"{train_samples:,} train samples -> {steps_per_epoch:,} optimizer steps per epoch, "
+        f"{optimizer_steps:,} in {training['num_train_epochs']} epoch(s).",
+    ]
+    if last_step_samples != full_batch_size:
+        lines.append(f"The last step of each epoch gets {last_step_samples} new sample(s) instead of "
+                     f"{full_batch_size}: a smaller, noisier step (no sample is left out).")
+    if repeated:
+        lines.append(f"{repeated} samples are seen twice per epoch, to fill the last micro-batch on every GPU.")
+    even = [a for a in range(1, 65) if train_samples % (per_device * a * gpus) == 0]
+    if last_step_samples != full_batch_size or repeated:
+        lines.append(f"gradient_accumulation_steps that give equal steps: {', '.join(map(str, even))}." if even else
+                     "No gradient_accumulation_steps up to 64 gives equal steps for this sample count; that is fine.")
+    return "\n".join(lines)
+
