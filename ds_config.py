@@ -62,28 +62,42 @@ DS_CONFIG = {
 # fills in "nvme_path". Needs DeepSpeed's async I/O op (libaio).
 NVME_OFFLOAD = {
     "zero_optimization": {
-        "offload_optimizer": {"device": "nvme", "nvme_path": None, "pin_memory": False,
-                              "buffer_count": 4},  # sub-groups in flight: 4 x sub_group_size x 4 bytes x 3 of RAM
-        "sub_group_size": 1e8,  # parameters per swapped chunk: smaller = less RAM, more (smaller) disk requests
+        "offload_optimizer": {
+            "device": "nvme", "nvme_path": None, "pin_memory": False,
+            "pipeline_read": True, "pipeline_write": True,  # read the next sub-group while one steps
+            "buffer_count": 8,  # sub-groups in flight: 8 x sub_group_size x 4 bytes of pinned RAM
+        },
+        "sub_group_size": 1e8,  # parameters per swapped chunk: smaller = less RAM, more (smaller) requests
     },
-    # The async I/O op's request shape (DeepSpeed's recommended defaults for an NVMe SSD).
-    "aio": {"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False,
+    # The async I/O op's requests: 1 MiB blocks, 32 in flight per thread, 4 threads (ds_io, bench/).
+    "aio": {"block_size": 1048576, "queue_depth": 32, "intra_op_parallelism": 4, "single_submit": False,
             "overlap_events": True},
+}
+
+# Nothing offloaded (set-ups "gpu" and "lora"): ZeRO-3 still splits the states between the GPUs.
+ON_GPU = {
+    "zero_optimization": {"offload_param": {"device": "none"}, "offload_optimizer": {"device": "none"}},
+    # PyTorch's AdamW: DeepSpeed's own GPU Adam would be compiled with nvcc on first use.
+    "optimizer": {"params": {"torch_adam": True}},
 }
 
 
 def deepspeed_config(setup, offload_dir):
-    """DS_CONFIG for plan.py's set-up: pinned host buffers for "ram-pinned", NVME_OFFLOAD's entries in place
-    of DS_CONFIG's for "disk", and no DeepSpeed at all for LoRA (the Trainer alone)."""
-    if setup["lora"]:
-        return None
+    """DS_CONFIG for plan.py's set-up: pinned host buffers where it says so, ON_GPU's or NVME_OFFLOAD's
+    entries in place of DS_CONFIG's where the states stay on the GPU or go to disk."""
     config = copy.deepcopy(DS_CONFIG)
     zero = config["zero_optimization"]
-    if setup["optimizer_state"] == "ram":
-        zero["offload_param"]["pin_memory"] = zero["offload_optimizer"]["pin_memory"] = setup["pinned"]
+    zero["offload_param"]["pin_memory"] = zero["offload_optimizer"]["pin_memory"] = setup["pinned"]
+    merge(config, copy.deepcopy({"gpu": ON_GPU, "disk": NVME_OFFLOAD}.get(setup["optimizer_state"], {})))
     if setup["optimizer_state"] == "disk":
-        for section, entries in NVME_OFFLOAD.items():
-            config.setdefault(section, {}).update(copy.deepcopy(entries))
         Path(offload_dir).mkdir(parents=True, exist_ok=True)
         zero["offload_optimizer"]["nvme_path"] = str(Path(offload_dir).resolve())
     return config
+
+
+def merge(config, changes):
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            merge(config.setdefault(key, {}), value)
+        else:
+            config[key] = value

@@ -9,14 +9,16 @@ plan.py (what the run needs against what the machine has), artifacts.py (the fol
 hand each other), checkpoints.py (resume), failures.py (errors that say what to do), memory_savers.py.
 """
 
+import gc
 import os
 import shutil
 
 import torch
 from datasets import load_from_disk
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments,
                           default_data_collator, set_seed)
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import artifacts
 import checkpoints
@@ -32,9 +34,11 @@ MODEL = {
 
 # Where weights and optimizer state live. "auto" picks, before anything loads, the first of these that
 # fits this machine and prints what the others need; a name forces one (README: "Which set-up").
+#   "gpu"         full fine-tuning, nothing offloaded: the GPUs hold it all (~16 bytes a parameter)
 #   "ram-pinned"  full fine-tuning; weights and optimizer state in page-locked RAM (fastest offload)
 #   "ram"         the same in ordinary RAM
-#   "lora"        LoRA adapters (LORA below) beside a frozen FP16 model that the GPU holds
+#   "lora"        LoRA adapters (LORA below) beside a frozen FP16 model that the GPUs hold
+#   "lora-ram"    the same with the frozen model in RAM, streamed through the GPU: for small cards
 #   "disk"        full fine-tuning, optimizer state in files (FILES["offload_dir"]): least RAM, slow
 SETUP = "auto"
 
@@ -98,8 +102,10 @@ def main():
         train_samples, gpus = len(samples["train"]), arguments.world_size
         print(plan.batch_plan(train_samples, TRAINING, gpus, facts["block_size"]))
         print(f"{setup['report']}\n{disk_plan}")
+    memory_savers.lean_zero3_overflow_check()  # ZeRO-3: ~17 GiB less host RAM at each optimizer step
     model = load_model(config, setup, arguments)
     trainer = train(model, tokenizer, samples, arguments, checkpoint, setup["largest_batch"])
+    del model  # the trainer holds it; LoRA's save needs its RAM back
     save(trainer, facts, setup)
     failures.leave_together()  # every process waits for out/, then the process group closes
 
@@ -119,7 +125,7 @@ def plan_run(config, facts):
 
 
 def training_arguments(deepspeed_config):
-    """TrainingArguments from TRAINING; deepspeed_config=None trains without DeepSpeed (LoRA, tests)."""
+    """TrainingArguments from TRAINING; deepspeed_config=None trains without DeepSpeed (the tests)."""
     on_gpu = torch.cuda.is_available()
     if deepspeed_config is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         import deepspeed
@@ -151,13 +157,12 @@ def load_model(config, setup, arguments):
         config=memory_savers.one_kernel_gelu(config),  # same function, less GPU memory per sample
         # FP16: 2 bytes a parameter, 12 GB for GPT-J (the hub's float16 branch holds exactly these).
         dtype=torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32,
-        # LoRA: the weights load straight onto this process's GPU, not through 12 GB of host RAM.
-        device_map={"": arguments.device} if setup["lora"] else None,
     )
     if not setup["lora"]:
         return model
     set_seed(arguments.seed)  # LoRA: the adapters start random; same seed, same run
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))  # LoRA: freezes the rest
+    # LoRA: adapters in the model's FP16, so that DeepSpeed scales the loss and keeps fp32 master copies.
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA), autocast_adapter_dtype=False)
     model.print_trainable_parameters()
     return model
 
@@ -176,7 +181,7 @@ def train(model, tokenizer, samples, arguments, checkpoint=None, largest_batch=N
         eval_dataset=validation,
         processing_class=tokenizer,  # saved to out/ next to the model
         data_collator=default_data_collator,  # samples are block_size long, with labels: just stacked
-        callbacks=list(callbacks),  # the GPU benchmark's step timer
+        callbacks=[memory_savers.ReturnCachedPinnedMemory(), *callbacks],  # + the GPU benchmark's timer
         compute_loss_func=loss,  # the model's own loss in less GPU memory (None: the model's own)
     )
     arguments.eval_on_start = arguments.eval_on_start and checkpoint is None  # once, before step 1
@@ -191,25 +196,38 @@ def save(trainer, facts, setup):
     model, and a run killed while saving leaves the previous out/ and its checkpoints to resume from."""
     partial = artifacts.partial_path(FILES["out_dir"])
     first = trainer.is_world_process_zero()
+    zero_stage = trainer.deepspeed.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
     with failures.disk_full_while_saving(trainer, partial, FILES["out_dir"], FILES["checkpoint_dir"]):
         if first:
             shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed while saving
-        if not setup["lora"]:
-            # ZeRO-3: every process takes part, each holding a shard of the weights that are gathered
-            # into one 16-bit state dict (stage3_gather_16bit_weights_on_model_save); process 0 saves.
-            trainer.save_model(partial)
-        elif first:  # LoRA: the adapters merged in, a plain model that loads without PEFT
-            trainer.model.merge_and_unload().save_pretrained(partial)
-            trainer.processing_class.save_pretrained(partial)
+        # ZeRO-3: every process takes part, each holding a shard of the weights that are gathered
+        # into one 16-bit state dict (stage3_gather_16bit_weights_on_model_save); process 0 saves.
+        memory_savers.drop_optimizer_state(trainer)  # the final checkpoint holds it: room to gather
+        trainer.save_model(partial / "lora_adapter" if setup["lora"] else partial)  # LoRA: adapters only
         if not first:
             return
-        engine = trainer.deepspeed if trainer.is_deepspeed_enabled else None
-        zero_stage = engine.zero_optimization_stage() if engine else None
+        if setup["lora"]:
+            merge_adapters(trainer, partial)
         log = artifacts.write_training_log(partial, trainer.state.log_history, facts, zero_stage=zero_stage)
     artifacts.swap_in(partial, FILES["out_dir"])
     print(f"\nSaved the fine-tuned model and tokenizer to {FILES['out_dir']}/. {log}")
     offload_dir = FILES["offload_dir"] if setup["name"] == "disk" else None
     checkpoints.remove_finished(FILES["checkpoint_dir"], offload_dir)
+
+
+
+def merge_adapters(trainer, partial):
+    """LoRA: the adapters merged into the base model, out/ a plain FP16 model that loads without PEFT.
+    DeepSpeed's copy of the model goes first; the base model is read again, outside ZeRO-3."""
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.deepspeed = trainer.optimizer = None
+    gc.collect()
+    unset_hf_deepspeed_config()  # from_pretrained would build a partitioned model again
+    dtype = torch.float16 if trainer.args.fp16 else torch.bfloat16 if trainer.args.bf16 else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(MODEL["name"], revision=MODEL["revision"], dtype=dtype)
+    merged = PeftModel.from_pretrained(base, partial / "lora_adapter").merge_and_unload()
+    merged.save_pretrained(partial)
+    trainer.processing_class.save_pretrained(partial)
 
 
 if __name__ == "__main__":

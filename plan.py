@@ -13,50 +13,73 @@ from pathlib import Path
 
 import torch
 
-# Per set-up: host RAM (peak RSS), GPU memory (the largest per-device batch of 2048 tokens per card size, or a
-# fixed part + a part per sample), disk, and speed within a 24 GiB budget (tokens/s); bench/RESULTS.md.
+# Per set-up: host RAM (peak RSS), GPU memory (the largest per-device batch of 2048 tokens per card size, or
+# a fixed part, a part per parameter that ZeRO-3 splits between the GPUs, and a part per sample), disk, and
+# speed (tokens/s, at the budget named); bench/RESULTS.md and bench/results.json hold every record.
 MEASURED = {
     "parameters": 6.05e9,  # GPT-J-6B; the GPU figures hold for it only
-    "ram": {
-        "host_bytes_per_parameter": 24.2,  # 136.4 GiB: FP16 weights, fp32 master weights, Adam m and v, gradients
-        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # card GiB: samples (whole process, 2048 tokens)
-        "gpu_mib_per_sample": 737,  # beyond the largest card measured
-        "tokens_per_s": 6010,  # B=26, GA 8
+    "gpu": {
+        "host_gib": 3,  # Python's and the libraries'; training measured 12.8 GiB in all
+        "host_bytes_per_parameter": 2,  # the 16-bit weights gathered into RAM to be saved
+        "gpu_bytes_per_parameter": 16,  # FP16 weights and gradients, fp32 master weights, Adam m and v
+        "gpu_mib_fixed": 14200,  # ZeRO-3's buffers and the CUDA context
+        "gpu_mib_per_sample": 795,
+        "tokens_per_s": 10760,  # B=22, GA 8, one H200 (139 GiB)
     },
     "ram-pinned": {
         "host_bytes_per_parameter": 27.35,  # 154.1 GiB
-        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # measured unpinned; pinning added 104 MiB at 24 GiB
+        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # measured unpinned; pinning added 104 MiB at 24
         "gpu_mib_per_sample": 737,
-        "tokens_per_s": 8716,  # B=26, GA 8; 9,586 in a second run
+        "tokens_per_s": 8716,  # B=26, GA 8, 24 GiB; 9,586 in a second run
+    },
+    "ram": {
+        "host_bytes_per_parameter": 24.2,  # 136.4 GiB: FP16 weights, fp32 master weights, Adam m, v, gradients
+        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # card GiB: samples (whole process, 2048 tokens)
+        "gpu_mib_per_sample": 737,  # beyond the largest card measured
+        "tokens_per_s": 6010,  # B=26, GA 8, 24 GiB
+    },
+    "lora": {
+        "host_gib": 3,  # Python's and the libraries'
+        "host_bytes_per_parameter": 2,  # at the end: the base model in RAM, to merge the adapters into
+        "gpu_bytes_per_parameter": 2,  # the frozen FP16 weights
+        "gpu_mib_fixed": 1300,  # the CUDA context and ZeRO-3's buffers
+        "gpu_mib_per_sample": 2105,  # measured before the loss in chunks: an upper bound
+        "tokens_per_s": 9486,  # B=5, GA 2, 24 GiB
+    },
+    "lora-ram": {
+        "host_gib": 3,  # Python's and the libraries'
+        "host_bytes_per_parameter": 4,  # the frozen FP16 weights, pinned; at the end, the model to merge
+        "gpu_mib_fixed": 4000,  # the CUDA context, the layers being used and the next ones
+        "gpu_mib_per_sample": 737,
+        "tokens_per_s": 3000,  # not measured yet
     },
     "disk": {
         "host_bytes_per_parameter": 8.92,  # 50.3 GiB: FP16 weights and gradients; the rest in files
         "disk_bytes_per_parameter": 16,  # 96.8 GB of files: fp32 master weights, Adam m and v, fp32 gradients
         "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # as in RAM (the GPU side is the same)
         "gpu_mib_per_sample": 737,
-        "tokens_per_s": 862,  # B=8, GA 8 (in RAM at that batch: 2,874); each step reads and writes the files
-    },
-    "lora": {
-        "host_gib": 2,  # the weights go straight to the GPU; host RAM is Python's and the libraries'
-        "gpu_mib_fixed": 12767,  # the whole FP16 model (11.5 GiB) and the CUDA context
-        "gpu_mib_per_sample": 2105,  # measured before the loss in chunks: an upper bound
-        "tokens_per_s": 9486,  # B=5, GA 2
+        "tokens_per_s": 862,  # B=8, GA 8, 24 GiB (in RAM at that batch: 2,874)
     },
     "host_gib_per_more_gpu": 2.5,  # RAM in use went from 138.2 to 140.7 GiB at 2 GPUs (pinned 156.8 to 158.9)
     "checkpoint_bytes_per_parameter": 16,  # ZeRO's FP16 weights 2 + fp32 master, Adam m and v 12 + 16-bit model 2
 }
 
-# What each set-up is, in the order SETUP = "auto" prefers them: full fine-tuning where the RAM holds it, else
-# LoRA, which is far faster than the optimizer state on disk and wears no SSD; "disk" only when asked for.
+# What each set-up is, in the order SETUP = "auto" prefers them: full fine-tuning, fastest first, where the
+# machine holds it; else LoRA, which is far faster than the optimizer state on disk and wears no SSD.
+# "disk" runs only when asked for.
 SETUPS = {
+    "gpu": {"description": "full fine-tuning, nothing offloaded", "lora": False, "optimizer_state": "gpu",
+            "pinned": False, "auto": "with a GPU"},
     "ram-pinned": {"description": "full fine-tuning, optimizer state in pinned RAM", "lora": False,
-                   "optimizer_state": "ram", "pinned": True, "needs_gpu": True},
+                   "optimizer_state": "ram", "pinned": True, "auto": "with a GPU"},
     "ram": {"description": "full fine-tuning, optimizer state in RAM", "lora": False,
-            "optimizer_state": "ram", "pinned": False, "needs_gpu": False},
+            "optimizer_state": "ram", "pinned": False, "auto": True},
     "lora": {"description": "LoRA adapters, the frozen FP16 model on the GPU", "lora": True,
-             "optimizer_state": "gpu", "pinned": False, "needs_gpu": False},
+             "optimizer_state": "gpu", "pinned": False, "auto": True},
+    "lora-ram": {"description": "LoRA adapters, the frozen FP16 model in pinned RAM", "lora": True,
+                 "optimizer_state": "ram", "pinned": True, "auto": True},
     "disk": {"description": "full fine-tuning, optimizer state on disk", "lora": False,
-             "optimizer_state": "disk", "pinned": False, "needs_gpu": False, "only_when_asked": True},
+             "optimizer_state": "disk", "pinned": False, "auto": False},
 }
 
 
@@ -76,7 +99,8 @@ def this_machine(overrides):
     host_gib = overrides["host_ram_gib"] or (meminfo("MemAvailable") + meminfo("SwapFree")) / 2**30
     # The launcher's processes on this machine: LOCAL_SIZE (deepspeed) or LOCAL_WORLD_SIZE (torchrun).
     processes = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    return {"host_ram_gib": host_gib, "gpu_memory_gib": gpu_gib, "processes_on_host": processes}
+    return {"host_ram_gib": host_gib, "gpu_memory_gib": gpu_gib, "processes_on_host": processes,
+            "gpus": gpu_count()}
 
 
 def meminfo(field):
@@ -91,20 +115,19 @@ def host_ram_needed(name, parameters, processes=1):
     """GiB of host RAM at peak for a set-up, for all of this machine's GPU processes: ZeRO-3 splits the
     optimizer state between them, so each more GPU adds little."""
     measured = MEASURED[name]
-    if "host_gib" in measured:
-        return measured["host_gib"]
-    return (measured["host_bytes_per_parameter"] * parameters / 2**30
+    return (measured.get("host_gib", 0) + measured.get("host_bytes_per_parameter", 0) * parameters / 2**30
             + MEASURED["host_gib_per_more_gpu"] * (processes - 1))
 
 
-def largest_batch(name, gpu_gib, block_size):
+def largest_batch(name, gpu_gib, block_size, gpus=1, parameters=MEASURED["parameters"]):
     """The largest per-device batch of a set-up on a card of gpu_gib (None below the smallest card measured).
-    From a table of cards: between two, the line between them; above the largest, one more sample per
-    gpu_mib_per_sample. A sample's memory grows with its tokens, so shorter blocks fit more."""
+    From a fixed part and a part per sample; or from a table of cards: between two, the line between them,
+    above the largest, one more sample per gpu_mib_per_sample. Shorter blocks fit more samples."""
     measured = MEASURED[name]
     per_sample = measured["gpu_mib_per_sample"] * block_size / 2048
-    if "gpu_mib_fixed" in measured:
-        return max(0, int((gpu_gib * 1024 - measured["gpu_mib_fixed"]) // per_sample))
+    if "gpu_mib_fixed" in measured:  # ZeRO-3 splits the states between the GPUs
+        states_mib = measured.get("gpu_bytes_per_parameter", 0) * parameters / gpus / 2**20
+        return max(0, int((gpu_gib * 1024 - measured["gpu_mib_fixed"] - states_mib) // per_sample))
     cards = sorted(measured["largest_batch"].items())
     if gpu_gib < cards[0][0]:
         return None
@@ -120,11 +143,9 @@ def assess(name, parameters, block_size, batch, machine):
     """One set-up on this machine: what it needs, and why it does not fit (None if it does)."""
     host_needed = host_ram_needed(name, parameters, machine["processes_on_host"])
     gpu_gib, measured_model = machine["gpu_memory_gib"], abs(parameters / MEASURED["parameters"] - 1) < 0.05
-    fits = largest_batch(name, gpu_gib, block_size) if gpu_gib and measured_model else None
+    fits = largest_batch(name, gpu_gib, block_size, machine["gpus"]) if gpu_gib and measured_model else None
     result = {"name": name, **SETUPS[name], "host_gib": host_needed, "largest_batch": fits, "why_not": None}
-    if SETUPS[name]["needs_gpu"] and not gpu_gib:
-        result["why_not"] = "needs a GPU (pinned host memory is for copies to a GPU)"
-    elif host_needed > machine["host_ram_gib"]:
+    if host_needed > machine["host_ram_gib"]:
         result["why_not"] = (f"needs ~{host_needed:.0f} GiB of host RAM at its peak, more than the "
                              f"{machine['host_ram_gib']:.0f} GiB this machine has (free RAM + swap)")
     elif fits is not None and batch > fits:
@@ -141,7 +162,8 @@ def choose_setup(choice, parameters, block_size, batch, machine):
                          f"{', '.join(repr(name) for name in SETUPS)}.")
     options = [assess(name, parameters, block_size, batch, machine) for name in SETUPS]
     if choice == "auto":
-        fitting = [option for option in options if not option["why_not"] and not option.get("only_when_asked")]
+        fitting = [option for option in options if not option["why_not"] and option["auto"] is True
+                   or option["auto"] == "with a GPU" and machine["gpu_memory_gib"] and not option["why_not"]]
         if not fitting:
             raise SystemExit(f"finetune.py: no set-up fits this machine.\n{table(options, machine)}")
         setup, why = fitting[0], 'SETUP = "auto": the first of these that fits this machine'
@@ -171,6 +193,8 @@ def table(options, machine):
     for option in options:
         batch = f", up to {option['largest_batch']} a GPU" if option["largest_batch"] is not None else ""
         state = option["why_not"] or f"~{option['host_gib']:.1f} GiB of RAM{batch}{speed(option)}"
+        if option["auto"] is not True:
+            state += " (auto: never)" if option["auto"] is False else " (auto: with a GPU only)"
         rows.append(f"  {option['name']:<11} {option['description']}: {state}")
     return "\n".join(rows)
 
