@@ -1,12 +1,13 @@
 """GPU benchmark of finetune.py's own code path: full-size GPT-J-6B, seq 2048, emulated VRAM budgets.
 
     python bench/gpu_bench.py                 # every point in POINTS, one process each, on one GPU
-    python bench/gpu_bench.py ours-24 orig-24 # only these points
+    python bench/gpu_bench.py ram-24 orig-24  # only these points
 
 Each point runs in its own process (fresh GPU and host memory counters) through the same functions
-finetune.py uses (training_arguments with ds_config.py's DS_CONFIG, train() with the HF Trainer), with
-two differences a benchmark needs: the model is GPT-J-6B built from GPTJConfig() with random weights
-(the hub is out of reach; memory and speed are the same), and the samples are random tokens.
+finetune.py uses (its set-up's ds_config.deepspeed_config, training_arguments, train() with the HF
+Trainer, the memory savers), with two differences a benchmark needs: the model is GPT-J-6B built from
+GPTJConfig() with random weights (the hub is out of reach; memory and speed are the same), and the
+samples are random tokens.
 
 A VRAM budget is emulated by capping PyTorch's allocator at budget - OUTSIDE_ALLOCATOR_GIB, the CUDA
 context, NCCL and cuBLAS workspaces that live outside it; a point counts as fitting ("ok") only if it
@@ -14,12 +15,10 @@ finished and the whole process's GPU memory (polled from the driver) stayed with
 Records are appended to bench/results.json (or $BENCH_RESULTS).
 """
 
-import copy
 import datetime
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import threading
@@ -30,8 +29,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import plan  # noqa: E402  (the product's own helpers)
+from demo import free_port  # noqa: E402
+
 OUTSIDE_ALLOCATOR_GIB = 2.2  # measured: the DeepSpeed process holds 1.65-2.2 GiB outside PyTorch's allocator
-H100_BF16_FLOPS = 790e12  # measured dense bf16/fp16 matmul rate of the card (8192^3 products)
+PEAK_FLOPS = 790e12  # measured dense bf16/fp16 matmul rate of the H200 (8192^3 products)
 SEQ_LEN = 2048
 
 # The original project's settings, from its README and ds_config: ZeRO-3, params and optimizer offloaded,
@@ -45,56 +47,42 @@ ORIGINAL_DS = {
                                                  "warmup_num_steps": "auto"}},
 }
 
-# finetune.py's commented LORA example: rank 16 on the attention's query and value projections.
-LORA_QV = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
-NVME_PATH = os.environ.get("BENCH_NVME_PATH", "/tmp/nvme_offload")  # the "nvme" points' OFFLOAD["nvme_path"]
-
+NVME_PATH = os.environ.get("BENCH_NVME_PATH", "/tmp/nvme_offload")  # the "disk" points' FILES["offload_dir"]
 TINY = dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=2048, vocab_size=512)  # for smoke-cpu points
 
-# name: settings ("ours" = finetune.py + ds_config.py as they are: host memory pinned where the RAM holds it,
-# finetune.pin_host_memory; records say "pin_memory"), VRAM budget, batch, accumulation,
-# optimizer steps (the first carries CPU Adam's state allocation; the last is reported), DeepSpeed overrides.
-# Any point runs at another batch as "<point>-b<N>" (e.g. ours-24-b27). The "ours" batches are the largest
-# measured to fit since causal_lm_loss and one_kernel_gelu (third session; bench/RESULTS.md).
+# name: the set-up (plan.SETUPS, as finetune.py runs it; "original" = the original project's settings),
+# VRAM budget in GiB (None: the whole card), batch, accumulation, optimizer steps (the first carries CPU
+# Adam's state allocation; the last is reported), host RAM limit (a memory cgroup), DeepSpeed overrides,
+# GPT-J overrides (e.g. fewer layers), save (the final save of finetune.py, timed, its RAM measured).
+# Any point runs at another batch as "<point>-b<N>" (e.g. ram-24-b27).
 POINTS = {
-    "ours-24": dict(settings="ours", budget=24, batch=26, accumulation=8, steps=2),
-    "orig-24": dict(settings="original", budget=24, batch=7, accumulation=18, steps=2, ds=ORIGINAL_DS),
-    "ours-16": dict(settings="ours", budget=16, batch=14, accumulation=2, steps=1),
-    "ours-12": dict(settings="ours", budget=12, batch=10, accumulation=2, steps=1),
-    "ours-8": dict(settings="ours", budget=8, batch=2, accumulation=2, steps=1),
-    "orig-8": dict(settings="original", budget=8, batch=1, accumulation=2, steps=1, ds=ORIGINAL_DS),
-    "ours-24x2": dict(settings="ours", budget=24, batch=26, accumulation=8, steps=2, gpus=2),
-    # Earlier version's largest batches, one sample up (second session).
-    "ours-24-b11": dict(settings="ours", budget=24, batch=11, accumulation=8, steps=2),
-    "ours-8-b3": dict(settings="ours", budget=8, batch=3, accumulation=2, steps=1),
-    # Low host RAM: the optimizer state in files (finetune.py's OFFLOAD["optimizer"] = "nvme"), run inside a
-    # 64 GiB memory limit (a cgroup: a miss is a kill, not a number), three steps to compare its loss curve
-    # with "ours-24-b8", the same run with the optimizer state in RAM (same seed, same samples).
-    "lowram-24": dict(settings="ours-lowram", budget=24, batch=8, accumulation=8, steps=3, offload="nvme",
-                      host_limit_gib=64),  # B=10 ran out of GPU memory (22,161 MiB) before its first step
-    "ours-24-b8": dict(settings="ours", budget=24, batch=8, accumulation=8, steps=3),
-    # Pinned host memory for both offloads, whatever the RAM (154 GiB peak), and never (a host with less).
-    "ours-24-pinned": dict(settings="ours", budget=24, batch=26, accumulation=8, steps=2,
-                           ds={"zero_optimization": {"offload_param": {"pin_memory": True},
-                                                     "offload_optimizer": {"pin_memory": True}}}),
-    "ours-24-unpinned": dict(settings="ours", budget=24, batch=26, accumulation=8, steps=2,
-                             ds={"zero_optimization": {"offload_param": {"pin_memory": False},
-                                                       "offload_optimizer": {"pin_memory": False}}}),
-    # Not run yet: the optimizer offloaded alone (the FP16 weights stay on the GPU: fewer samples fit).
-    "ours-24-optonly": dict(settings="ours", budget=24, batch=4, accumulation=16, steps=2,
-                            ds={"zero_optimization": {"offload_param": {"device": "none"},
-                                                      "offload_optimizer": {"pin_memory": True}}}),
-    # LoRA (finetune.py's LORA, no DeepSpeed): every batch in `batches` is tried in one process, smallest
-    # first, until one does not fit the budget.
-    "lora-24": dict(settings="ours-lora", budget=24, batches=[4, 5, 6, 7, 8], accumulation=2, steps=2,
-                    lora=LORA_QV),
-    "lora-16": dict(settings="ours-lora", budget=16, batches=[1, 2, 4], accumulation=2, steps=2, lora=LORA_QV),
+    "ram-24": dict(setup="ram", budget=24, batch=26, accumulation=8, steps=2),
+    "ram-24-save": dict(setup="ram", budget=24, batch=26, accumulation=8, steps=2, host_limit_gib=120, save=True),
+    "ram-pinned-24": dict(setup="ram-pinned", budget=24, batch=26, accumulation=8, steps=2),
+    "orig-24": dict(setup="original", budget=24, batch=7, accumulation=18, steps=2, ds=ORIGINAL_DS),
+    "ram-16": dict(setup="ram", budget=16, batch=14, accumulation=2, steps=1),
+    "ram-12": dict(setup="ram", budget=12, batch=10, accumulation=2, steps=1),
+    "ram-8": dict(setup="ram", budget=8, batch=2, accumulation=2, steps=1),
+    "ram-24x2": dict(setup="ram", budget=24, batch=26, accumulation=8, steps=2, gpus=2),
+    # Nothing offloaded: the whole card (139 GiB on an H200); PyTorch's AdamW on the GPU.
+    "gpu": dict(setup="gpu", budget=None, batch=22, accumulation=4, steps=2),
+    # LoRA r=16 on q, v (finetune.py's LORA), through ZeRO-3: the model on the GPU, or streamed from RAM.
+    "lora-24": dict(setup="lora", budget=24, batch=12, accumulation=2, steps=2),
+    "lora-16": dict(setup="lora", budget=16, batch=2, accumulation=2, steps=2),
+    "lora-ram-8": dict(setup="lora-ram", budget=8, batch=4, accumulation=2, steps=2, host_limit_gib=32),
+    "lora-ram-12": dict(setup="lora-ram", budget=12, batch=10, accumulation=2, steps=2, host_limit_gib=32),
+    # The optimizer state on disk, in a 64 GiB memory limit. The 64 GiB disk of the one-GPU machine cannot
+    # hold GPT-J's 97 GB of files: "disk-24-14l" is GPT-J with 14 of its 28 layers (files ~48 GB).
+    "disk-24": dict(setup="disk", budget=24, batch=26, accumulation=8, steps=2, host_limit_gib=64),
+    "disk-24-14l": dict(setup="disk", budget=24, batch=26, accumulation=8, steps=2, host_limit_gib=64,
+                        config=dict(n_layer=14)),
     # The code paths on a CPU, with a 2-layer GPT-J: `DS_ACCELERATOR=cpu python bench/gpu_bench.py smoke-cpu`.
-    "smoke-cpu": dict(settings="ours", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
-    "smoke-cpu-nvme": dict(settings="ours-lowram", budget=24, batch=2, accumulation=3, steps=2, config=TINY,
-                           offload="nvme", host_limit_gib=8),
-    "smoke-cpu-lora": dict(settings="ours-lora", budget=24, batches=[1, 2], accumulation=3, steps=2, config=TINY,
-                           lora=LORA_QV),
+    "smoke-cpu": dict(setup="ram", budget=24, batch=2, accumulation=3, steps=2, config=TINY, save=True),
+    "smoke-cpu-gpu": dict(setup="gpu", budget=None, batch=2, accumulation=3, steps=2, config=TINY),
+    "smoke-cpu-disk": dict(setup="disk", budget=24, batch=2, accumulation=3, steps=2, config=TINY, host_limit_gib=8),
+    "smoke-cpu-lora": dict(setup="lora", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
+    "smoke-cpu-lora-ram": dict(setup="lora-ram", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
+    "smoke-cpu-orig": dict(setup="original", budget=24, batch=2, accumulation=3, steps=2, config=TINY, ds=ORIGINAL_DS),
 }
 
 
@@ -124,7 +112,7 @@ def run_in_own_process(name):
     environment = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(free_port()))
     point = point_settings(name)
-    if point["settings"] == "ours":  # what finetune.main() sets; the original project did not
+    if point["setup"] != "original":  # what finetune.main() sets; the original project did not
         environment["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     command = [sys.executable, __file__, "--point", name]
     if point.get("gpus", 1) > 1:  # through DeepSpeed's launcher, one process per GPU
@@ -208,85 +196,87 @@ def failure_reason(output, exit_code):
 
 
 def describe(name, point):
+    import deepspeed
     import torch
     import transformers
-    import deepspeed
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {
-        "point": name, "settings": point["settings"], "gpu": gpu, "gpus": point.get("gpus", 1),
+        "point": name, "setup": point["setup"], "gpu": gpu, "gpus": point.get("gpus", 1),
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]},
-        "vram_budget_gib": point["budget"], "per_device_batch": point.get("batch", point.get("batches")),
+        "vram_budget_gib": point["budget"], "per_device_batch": point["batch"],
         "grad_accum": point["accumulation"], "seq_len": SEQ_LEN, "cpu_threads": torch.get_num_threads(),
-        "optimizer_steps": point["steps"], "offload": point.get("offload", "cpu" if point["settings"] != "ours-lora" else None),
-        "lora": point.get("lora"),
-        # finetune.py's memory savers (this session on); the original project had neither
-        "loss": "model's own" if point["settings"] == "original" else "finetune.causal_lm_loss (in chunks)",
-        "activation": "gelu_new" if point["settings"] == "original" else "gelu_pytorch_tanh",
+        "optimizer_steps": point["steps"], "model_overrides": point.get("config", {}),
+        # finetune.py's memory savers; the original project had none
+        "loss": "model's own" if point["setup"] == "original" else "memory_savers.causal_lm_loss (in chunks)",
+        "activation": "gelu_new" if point["setup"] == "original" else "gelu_pytorch_tanh",
         "command": f"python bench/gpu_bench.py {name}",
     }
 
 
 def run_point(name):
-    """In the point's own process: cap the allocator, train a few steps with finetune.py's code, measure.
-    A point with `batches` tries each in turn on the same model and stops at the first that does not fit."""
-    import gc
-
+    """In the point's own process: cap the allocator, train a few steps with finetune.py's code, measure."""
     import torch
 
-    point = point_settings(name)
+    import ds_config
     import finetune
+    import memory_savers
+    import plan
 
+    point = point_settings(name)
     rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         torch.cuda.set_device(rank)  # the cap applies to the current device
-        total = torch.cuda.get_device_properties(0).total_memory
-        allocator_cap = (point["budget"] - OUTSIDE_ALLOCATOR_GIB) * 2**30
-        torch.cuda.set_per_process_memory_fraction(allocator_cap / total)
-    finetune.OFFLOAD.update(optimizer=point.get("offload", "cpu"), nvme_path=NVME_PATH)
-    finetune.LORA = point.get("lora")
-    pinned = finetune.pin_host_memory(count_parameters(point.get("config", {})))  # "auto": pinned if RAM holds it
-    ds_config = None if point.get("lora") else \
-        merge(copy.deepcopy(finetune.deepspeed_config(finetune.OFFLOAD, pinned)), point.get("ds", {}))
-    offload = finetune.OFFLOAD
+        if point["budget"]:
+            total = torch.cuda.get_device_properties(0).total_memory
+            allocator_cap = (point["budget"] - OUTSIDE_ALLOCATOR_GIB) * 2**30
+            torch.cuda.set_per_process_memory_fraction(allocator_cap / total)
+    original = point["setup"] == "original"
+    setup = {"name": "ram", **plan.SETUPS["ram"]} if original else {"name": point["setup"], **plan.SETUPS[point["setup"]]}
+    config = merge(ds_config.deepspeed_config(setup, NVME_PATH), point.get("ds", {}))
+    if not original:
+        memory_savers.lean_zero3_overflow_check()  # as finetune.main() does
     finetune.FILES.update(out_dir="/tmp/bench-out", checkpoint_dir="/tmp/bench-checkpoints")
     finetune.CHECKPOINTS["every_steps"] = None  # a GPT-J checkpoint is ~97 GB: not what is measured here
-    model = None
-    for batch in point["batches"] if "batches" in point else [point["batch"]]:
-        record = describe(name, {**point, "batch": batch})
-        record["pin_memory"] = ds_config["zero_optimization"]["offload_param"]["pin_memory"] if ds_config else None
-        finetune.TRAINING.update(per_device_train_batch_size=batch, gradient_accumulation_steps=point["accumulation"],
-                                 max_steps=point["steps"], logging_steps=1)
-        arguments = finetune.training_arguments(ds_config)
-        if model is None:
-            model = build_gptj(arguments, point.get("config", {}), point.get("lora"),
-                               one_kernel_gelu=point["settings"] != "original")
-        samples = random_samples(batch * point["accumulation"] * point["steps"] * gpus, model.config.vocab_size)
-        if torch.cuda.is_available():  # each batch's own peaks
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        watcher, timer, started = MemoryWatcher(rank, offload["nvme_path"] if ds_config and offload["optimizer"] == "nvme"
-                                                else None), StepTimer(), time.time()
-        try:
-            finetune.train(model, None, samples, arguments, callbacks=[timer],  # no tokenizer: nothing is saved
-                           models_own_loss=point["settings"] == "original")
-        except SystemExit as stopped:  # finetune.train's own stop(): CUDA OOM and the like, said in words
-            watcher.stop()
-            if stopped.__context__ is not None:  # where it ran out, for the log
-                traceback.print_exception(stopped.__context__)
-            record.update(ok=False, failure=str(stopped).strip().splitlines()[0][:300],
-                          peak_total_gpu_mib=round(watcher.peak_used / 2**20))
-            print("BENCH_RECORD " + json.dumps(record), flush=True)
-            break
+    record = describe(name, point)
+    record["pin_memory"] = config["zero_optimization"]["offload_param"].get("pin_memory")
+    batch = point["batch"]
+    finetune.TRAINING.update(per_device_train_batch_size=batch, gradient_accumulation_steps=point["accumulation"],
+                             max_steps=point["steps"], logging_steps=1)
+    arguments = finetune.training_arguments(config)
+    model = build_gptj(arguments, point.get("config", {}), setup["lora"], one_kernel_gelu=not original)
+    samples = random_samples(batch * point["accumulation"] * point["steps"] * gpus, model.config.vocab_size)
+    disk_folder = NVME_PATH if setup["name"] == "disk" else None
+    watcher, timer, started = MemoryWatcher(rank, disk_folder), StepTimer(), time.time()
+    try:
+        trainer = finetune.train(model, None, samples, arguments, callbacks=[timer],  # no tokenizer: not saved
+                                 loss=None if original else memory_savers.causal_lm_loss)
+    except SystemExit as stopped:  # finetune.train's own stop(): CUDA OOM and the like, said in words
         watcher.stop()
-        record.update(measure(point, batch, gpus, model, timer, watcher, started))
-        if rank == 0:
-            print("BENCH_RECORD " + json.dumps(record), flush=True)
-        gc.collect()
-        if not record["ok"]:
-            break
+        if stopped.__context__ is not None:  # where it ran out, for the log
+            traceback.print_exception(stopped.__context__)
+        record.update(ok=False, failure=str(stopped).strip().splitlines()[0][:300],
+                      peak_total_gpu_mib=round(watcher.peak_used / 2**20))
+        print("BENCH_RECORD " + json.dumps(record), flush=True)
+        return
+    record.update(measure(point, batch, gpus, model, timer, watcher, started))
+    if point.get("save"):
+        record.update(timed_save(trainer, setup))
+    if rank == 0:
+        print("BENCH_RECORD " + json.dumps(record), flush=True)
+
+
+def timed_save(trainer, setup):
+    """finetune.save()'s memory-heavy part: the optimizer state dropped, the 16-bit weights gathered and written."""
+    import memory_savers
+
+    started = time.time()
+    memory_savers.drop_optimizer_state(trainer)
+    trainer.save_model("/tmp/bench-out/lora_adapter" if setup["lora"] else "/tmp/bench-out")
+    return {"save_s": round(time.time() - started, 1),
+            "host_rss_peak_after_save_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)}
 
 
 def measure(point, batch, gpus, model, timer, watcher, started):
@@ -302,7 +292,9 @@ def measure(point, batch, gpus, model, timer, watcher, started):
     tokens_per_s = tokens / step_seconds
     peak_total_mib = watcher.peak_used / 2**20
     # FLOP per token: forward 2N, backward 4N (2N for LoRA: no weight gradients), recomputed forward 2N.
-    flop_per_token = (6 if point.get("lora") else 8) * model_parameters(model)
+    lora = point["setup"].startswith("lora")
+    flop_per_token = (6 if lora else 8) * model_parameters(model)
+    budget_mib = point["budget"] * 1024 if point["budget"] else float("inf")
     return {
         "tokens_per_s": round(tokens_per_s, 1),
         "step_s": round(step_seconds, 2),
@@ -310,47 +302,41 @@ def measure(point, batch, gpus, model, timer, watcher, started):
         "forward_s": round(forward_s, 3),
         "backward_s": round(micro_step_s - forward_s, 3),
         "optimizer_s": round(micro[-1]["seconds"] - micro_step_s, 3),  # the boundary micro-step's extra time
-        "mfu": round(tokens_per_s * flop_per_token / (H100_BF16_FLOPS * gpus), 4),  # per GPU
+        "mfu": round(tokens_per_s * flop_per_token / (PEAK_FLOPS * gpus), 4),  # per GPU
         "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
         "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20) if torch.cuda.is_available() else None,
         "peak_total_gpu_mib": round(peak_total_mib),
         "host_rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
+        "host_rss_at_gib": timer.rss_at,  # after the engine was built, after each optimizer step
         "host_available_min_gib": round(watcher.min_available / 2**30, 1),
-        "host_used_peak_gib": round((host_meminfo("MemTotal:") - watcher.min_available) / 2**30, 1),  # all ranks
+        "host_used_peak_gib": round((plan.meminfo("MemTotal") - watcher.min_available) / 2**30, 1),  # all ranks
         "nvme_peak_gb": round(watcher.peak_disk / 1e9, 1) if watcher.disk_folder else None,
         "losses": [entry["loss"] for entry in timer.logs if "loss" in entry],
-        "ok": peak_total_mib <= point["budget"] * 1024,
+        "ok": peak_total_mib <= budget_mib,
         "train_wall_s": round(time.time() - started, 1),
         "micro_steps": micro,
     }
 
 
-def build_gptj(arguments, overrides, lora=None, one_kernel_gelu=True):
+def build_gptj(arguments, overrides, lora, one_kernel_gelu=True):
     """GPT-J-6B's architecture with random weights (seeded: every point starts from the same model), FP16,
-    built partitioned (zero.Init) as from_pretrained would; for LoRA, built on the GPU with finetune.py's adapters."""
+    built partitioned (zero.Init) as from_pretrained would; LoRA adds finetune.py's adapters as it does."""
     import torch
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPTJConfig
 
     import finetune
+    import memory_savers
 
     torch.manual_seed(0)
     config = GPTJConfig(use_cache=False, **overrides)  # the defaults are GPT-J-6B: 28 layers, 4096 wide, 50,400 tokens
     if one_kernel_gelu:  # as finetune.load_model does; the original project kept GPT-J's 8-operation gelu_new
-        config = finetune.one_kernel_gelu(config)
+        config = memory_savers.one_kernel_gelu(config)
     dtype = torch.float16 if arguments.fp16 else torch.float32
-    if lora is None:
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init on the GPU: seconds, not minutes
-        return finetune.add_adapters(AutoModelForCausalLM.from_config(config, dtype=dtype), lora)
-
-
-def count_parameters(overrides):
-    """A GPT-J's parameter count from its config alone (built on the 'meta' device: no memory)."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPTJConfig
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(GPTJConfig(**overrides)).parameters())
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if lora:  # as finetune.load_model
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **finetune.LORA), autocast_adapter_dtype=False)
+    return model
 
 
 def model_parameters(model):
@@ -393,7 +379,7 @@ class MemoryWatcher:
             if self.torch.cuda.is_available():
                 free, total = self.torch.cuda.mem_get_info(self.device)  # this rank's GPU
                 self.peak_used = max(self.peak_used, total - free)
-            self.min_available = min(self.min_available, host_meminfo("MemAvailable:"))
+            self.min_available = min(self.min_available, plan.meminfo("MemAvailable"))
             if psutil.Process().memory_info().rss > self.host_limit:
                 print("BENCH_HOST_LIMIT_HIT", flush=True)
                 os.kill(os.getpid(), 9)
@@ -418,11 +404,10 @@ def disk_used(folder):
     return used
 
 
-def host_meminfo(field):
-    for line in open("/proc/meminfo"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    return 0
+def rss_gib():
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**30, 1)
 
 
 def step_timer_class():
@@ -433,11 +418,12 @@ def step_timer_class():
         backward = micro-step - forward; the boundary micro-step also holds the optimizer step."""
 
         def __init__(self):
-            self.micro_steps, self.logs, self.last, self.forward_s = [], [], None, 0.0
+            self.micro_steps, self.logs, self.last, self.forward_s, self.rss_at = [], [], None, 0.0, {}
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             model.register_forward_pre_hook(lambda *_: setattr(self, "forward_started", self.now()))
             model.register_forward_hook(lambda *_: setattr(self, "forward_s", self.now() - self.forward_started))
+            self.rss_at["engine built"] = rss_gib()
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.last = self.last or self.now()
@@ -447,6 +433,7 @@ def step_timer_class():
 
         def on_step_end(self, args, state, control, **kwargs):
             self.record(state.global_step, boundary=True)
+            self.rss_at[f"step {state.global_step}"] = rss_gib()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             self.logs.append(dict(logs or {}))
@@ -465,12 +452,6 @@ def step_timer_class():
             return time.perf_counter()
 
     return StepTimer
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":
