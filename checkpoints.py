@@ -24,7 +24,7 @@ def complete_checkpoints(checkpoint_dir):
     return [str(path) for path in folders if (path / "trainer_state.json").is_file()]
 
 
-def resume_point(checkpoint_dir, identity, resume, first_process):
+def resume_point(checkpoint_dir, identity, settings, first_process):
     """The newest complete checkpoint of this same run, or None to start from the beginning. Checkpoints of
     another run are refused; incomplete ones and, when starting over, old ones are removed."""
     folder = Path(checkpoint_dir)
@@ -34,7 +34,7 @@ def resume_point(checkpoint_dir, identity, resume, first_process):
             print(f"Removing {path}: an incomplete checkpoint (the run stopped while writing it).")
             shutil.rmtree(path, ignore_errors=True)
     run_file = folder / "run.json"
-    if complete and resume:
+    if complete and settings["resume"]:
         if not run_file.is_file() or json.loads(run_file.read_text()) != json.loads(json.dumps(identity)):
             raise SystemExit(
                 f"finetune.py: {checkpoint_dir}/ holds checkpoints of a run with another dataset or other settings "
@@ -53,12 +53,12 @@ def resume_point(checkpoint_dir, identity, resume, first_process):
     return None
 
 
-def remove_finished(checkpoint_dir, offload_dir=None):
+def remove_finished(checkpoint_dir, offload_dir):
     """Once out/ is complete the checkpoints, and the optimizer state's files of SETUP "disk", only take space."""
     if Path(checkpoint_dir).exists():
         shutil.rmtree(checkpoint_dir)
         print(f"Removed {checkpoint_dir}/: the run is complete.")
-    swap_files = Path(offload_dir) / "zero_stage_3" if offload_dir else None  # DeepSpeed's folder in offload_dir
-    if swap_files and swap_files.exists():
+    swap_files = Path(offload_dir) / "zero_stage_3"  # DeepSpeed's folder in offload_dir
+    if swap_files.exists():
         shutil.rmtree(swap_files)
         print(f"Removed {swap_files}/: the optimizer state's files.")

@@ -34,10 +34,11 @@ def clear_stale_build_locks(max_age_s=600):
 
 
 @contextlib.contextmanager
-def explained(trainer, checkpoint_dir, batch, largest_batch):
+def explained(trainer, checkpoint_dir, training, largest_batch):
     """Training inside this block ends, on a known failure, with what happened and how to go on."""
     import torch
 
+    batch = training["per_device_train_batch_size"]
     try:
         yield
     except KeyboardInterrupt:
@@ -72,8 +73,9 @@ def stop(reason, trainer, checkpoint_dir):
 
 
 @contextlib.contextmanager
-def disk_full_while_saving(trainer, partial, out_dir, checkpoint_dir):
+def disk_full_while_saving(trainer, partial, files):
     """A disk that fills up while out.partial/ is written: free what was written, keep the previous out/."""
+    out_dir, checkpoint_dir = files["out_dir"], files["checkpoint_dir"]
     try:
         yield
     except OSError as error:

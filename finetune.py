@@ -3,22 +3,19 @@
     deepspeed finetune.py                    # every GPU of this machine
     deepspeed --num_gpus 1 finetune.py       # one GPU
 
-Every option is in the dicts below; the DeepSpeed settings are in ds_config.py. The lines a reader
-comes for are marked `# ZeRO-3:`, `# FP16:` and `# LoRA:`. Each helper beside this file does one job:
-plan.py (what the run needs against what the machine has), artifacts.py (the folders the scripts
-hand each other), checkpoints.py (resume), failures.py (errors that say what to do), memory_savers.py.
+Every option is in the dicts below, DeepSpeed's in ds_config.py; `# ZeRO-3:`, `# FP16:`, `# LoRA:`
+mark the lines specific to them. Helpers, one job each: plan, artifacts, checkpoints, failures, ...
 """
 
-import gc
 import os
 import shutil
 
+import deepspeed
 import torch
 from datasets import load_from_disk
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments,
-                          default_data_collator, set_seed)
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer,
+                          TrainingArguments, default_data_collator, set_seed)
 
 import artifacts
 import checkpoints
@@ -32,18 +29,15 @@ MODEL = {
     "revision": "float16",  # hub branch: GPT-J's FP16 weights, a 12 GB download instead of 24 GB
 }
 
-# Where weights and optimizer state live. "auto" picks, before anything loads, the first of these that
-# fits this machine and prints what the others need; a name forces one (README: "Which set-up").
-#   "gpu"         full fine-tuning, nothing offloaded: the GPUs hold it all (~16 bytes a parameter)
-#   "ram-pinned"  full fine-tuning; weights and optimizer state in page-locked RAM (fastest offload)
-#   "ram"         the same in ordinary RAM
-#   "lora"        LoRA adapters (LORA below) beside a frozen FP16 model that the GPUs hold
-#   "lora-ram"    the same with the frozen model in RAM, streamed through the GPU: for small cards
-#   "disk"        full fine-tuning, optimizer state in files (FILES["offload_dir"]): least RAM, slow
+# Where weights and optimizer state live. "auto" picks, before anything loads, the first of these
+# that fits this machine and prints what each needs; a name forces one (README: "Which set-up").
+# Full fine-tuning: "gpu" (nothing offloaded), "ram-pinned", "ram" (offloaded to pinned or plain
+# RAM), "disk" (optimizer state in FILES["offload_dir"]: least RAM, slow). LoRA (LORA below) beside
+# a frozen model that the GPUs hold, "lora", or that RAM holds and streams to the GPU, "lora-ram".
 SETUP = "auto"
 
-# LoRA set-ups only (PEFT): small trainable matrices beside these layers, merged into out/ at the end
-LORA = {
+LORA = {  # LoRA set-ups (PEFT): small trainable matrices beside these layers, merged at the end
+    "task_type": "CAUSAL_LM",
     "r": 16,  # rank of each adapter: more = more capacity and memory
     "lora_alpha": 32,  # adapter scale (alpha / r)
     "lora_dropout": 0.05,
@@ -57,87 +51,67 @@ FILES = {
     "offload_dir": "nvme_offload",  # SETUP "disk": a folder on your fastest SSD; emptied at the end
 }
 
-# A killed run (OOM killer, power cut, Ctrl-C) resumes from its newest complete checkpoint when rerun.
-CHECKPOINTS = {
+CHECKPOINTS = {  # a killed run (OOM killer, power cut, Ctrl-C) resumes from the newest when rerun
     "every_steps": 20,  # optimizer steps between checkpoints (None = never); GPT-J: ~97 GB each
     "keep": 1,  # newest checkpoints kept; one more exists while the next is being written
     "resume": True,  # False: start over even if checkpoint_dir holds checkpoints of this run
 }
 
-# The machine to plan for: None = this one (free RAM + swap, the GPU's memory); numbers: another one.
-MACHINE = {"host_ram_gib": None, "gpu_memory_gib": None}
+MACHINE = {"host_ram_gib": None, "gpu_memory_gib": None}  # to plan for; None: this machine's
 
-# Passed straight to transformers.TrainingArguments.
-TRAINING = {
+TRAINING = {  # passed straight to transformers.TrainingArguments
     "per_device_train_batch_size": 1,  # samples per GPU per micro-step; the plan says how many fit
-    "per_device_eval_batch_size": 1,  # costs as much per sample as training; larger only evaluates faster
+    "per_device_eval_batch_size": 1,  # costs what a training sample does; larger evaluates faster
     "gradient_accumulation_steps": 8,  # micro-steps per optimizer step; costs time, not memory
     "num_train_epochs": 1,  # passes over the training samples
     "learning_rate": 1e-5,  # peak LR; a 6B model wants small steps (FP16 overflows above ~1e-4)
     "lr_scheduler_type": "cosine",  # decays to 0 at the last step, however few steps there are
-    "warmup_steps": 0,  # optimizer steps of linear warm-up from LR 0 (a fraction of all steps if < 1)
+    "warmup_steps": 0,  # optimizer steps of linear warm-up from LR 0 (if < 1: a fraction of all)
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,  # gradient clipping
-    "bf16": False,  # bf16 instead of FP16 on cards that have it (RTX 30xx+, A100, H100): no overflows
-    "activation_checkpointing": True,  # recompute activations in backward: ~20 GiB less a GPT-J sample
+    "bf16": False,  # bf16, not FP16, on cards that have it (RTX 30xx+, A100, H100): no overflows
+    "activation_checkpointing": True,  # recompute activations in backward: ~20 GiB less a sample
     "logging_steps": 1,  # print loss and LR every optimizer step
     "seed": 42,  # model-side randomness (data order, dropout); same seed, same run
 }
 
 
 def main():
-    # The CUDA allocator grows segments instead of leaving unusable gaps: more samples fit (bench/).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    memory_savers.install()  # ZeRO-3: less host RAM a step; a CUDA allocator that fits more samples
     failures.prepare()  # the launcher's SIGTERM is handled like Ctrl-C; stale build locks go
     facts = artifacts.read_dataset_facts(FILES["dataset_dir"])  # missing or half-written: says so
     config = AutoConfig.from_pretrained(MODEL["name"], revision=MODEL["revision"])
-    tokenizer = load_tokenizer(facts, config)
-    setup, disk_plan = plan_run(config, facts)  # stops here if the machine cannot hold the run
+    tokenizer = AutoTokenizer.from_pretrained(MODEL["name"], revision=MODEL["revision"])  # to out/
+    artifacts.check_dataset(facts, tokenizer, MODEL["name"], config.max_position_embeddings)
+    # The set-up and the disk the run needs, from measured figures: stops here if they do not fit.
+    parameters, machine = plan.count_parameters(config), plan.this_machine(MACHINE)
+    setup = plan.choose_setup(SETUP, parameters, facts["block_size"], TRAINING, machine)
+    disk_plan = plan.check_disk(parameters, setup, FILES, CHECKPOINTS, torch.cuda.is_available())
     arguments = training_arguments(ds_config.deepspeed_config(setup, FILES["offload_dir"]))
     samples = load_from_disk(FILES["dataset_dir"])
-    run = checkpoints.run_identity(facts, MODEL["name"], TRAINING, setup, LORA, arguments.world_size)
-    checkpoint = checkpoints.resume_point(FILES["checkpoint_dir"], run, CHECKPOINTS["resume"],
-                                          arguments.local_process_index == 0)
+    gpus, first = arguments.world_size, arguments.local_process_index == 0
+    run = checkpoints.run_identity(facts, MODEL["name"], TRAINING, setup, LORA, gpus)
+    checkpoint = checkpoints.resume_point(FILES["checkpoint_dir"], run, CHECKPOINTS, first)
     if arguments.process_index == 0:
-        train_samples, gpus = len(samples["train"]), arguments.world_size
-        print(plan.batch_plan(train_samples, TRAINING, gpus, facts["block_size"]))
+        print(plan.batch_plan(len(samples["train"]), TRAINING, gpus, facts["block_size"]))
         print(f"{setup['report']}\n{disk_plan}")
-    memory_savers.lean_zero3_overflow_check()  # ZeRO-3: ~17 GiB less host RAM at each optimizer step
     model = load_model(config, setup, arguments)
     trainer = train(model, tokenizer, samples, arguments, checkpoint, setup["largest_batch"])
-    del model  # the trainer holds it; LoRA's save needs its RAM back
     save(trainer, facts, setup)
     failures.leave_together()  # every process waits for out/, then the process group closes
 
 
-def load_tokenizer(facts, config):
-    """The model's tokenizer, checked against the dataset's (and saved to out/ with the model)."""
-    tokenizer = AutoTokenizer.from_pretrained(MODEL["name"], revision=MODEL["revision"])
-    artifacts.check_dataset(facts, tokenizer, MODEL["name"], config.max_position_embeddings)
-    return tokenizer
-
-
-def plan_run(config, facts):
-    """The set-up for this machine and the disk it needs, from measured figures, before any weights load."""
-    parameters, batch = plan.count_parameters(config), TRAINING["per_device_train_batch_size"]
-    setup = plan.choose_setup(SETUP, parameters, facts["block_size"], batch, plan.this_machine(MACHINE))
-    return setup, plan.check_disk(parameters, setup, FILES, CHECKPOINTS, torch.cuda.is_available())
-
-
 def training_arguments(deepspeed_config):
-    """TrainingArguments from TRAINING; deepspeed_config=None trains without DeepSpeed (the tests)."""
-    on_gpu = torch.cuda.is_available()
+    """TrainingArguments from TRAINING; deepspeed_config=None: no DeepSpeed (the tests compare)."""
     if deepspeed_config is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        import deepspeed
-
         deepspeed.init_distributed()  # several CPU processes need it before TrainingArguments
     return TrainingArguments(
         output_dir=FILES["checkpoint_dir"],  # where the Trainer writes checkpoint-<step>/ folders
         # ZeRO-3: TrainingArguments made with a ZeRO-3 config make from_pretrained build the model
         # already partitioned (deepspeed.zero.Init): no process ever holds all 12 GB of weights.
         deepspeed=deepspeed_config,
-        fp16=on_gpu and not TRAINING["bf16"],  # FP16: on GPUs; CPUs have no FP16 kernels: FP32
-        use_cpu=not on_gpu,
+        fp16=torch.cuda.is_available() and not TRAINING["bf16"],  # FP16: on GPUs; on CPUs FP32
+        use_cpu=not torch.cuda.is_available(),
         eval_strategy="epoch",  # validation loss after every epoch ...
         eval_on_start=True,  # ... and once before the first step, to compare against
         save_strategy="steps" if CHECKPOINTS["every_steps"] else "no",  # out/ is written by save()
@@ -149,20 +123,19 @@ def training_arguments(deepspeed_config):
 
 
 def load_model(config, setup, arguments):
-    """GPT-J in FP16 on GPUs (FP32 on CPU), partitioned by ZeRO-3 as it loads; LoRA adds adapters."""
-    config.use_cache = False  # the generation cache is of no use in training, and clashes with checkpointing
+    """GPT-J in FP16 on GPUs (FP32 on CPU), partitioned by ZeRO-3 as it loads; LoRA adds its own."""
+    config.use_cache = False  # the generation cache: no use in training, clashes with checkpointing
+    # FP16: 2 bytes a parameter, 12 GB for GPT-J (the hub's float16 branch holds exactly these).
+    dtype = torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        MODEL["name"],
-        revision=MODEL["revision"],
+        MODEL["name"], revision=MODEL["revision"], dtype=dtype,
         config=memory_savers.one_kernel_gelu(config),  # same function, less GPU memory per sample
-        # FP16: 2 bytes a parameter, 12 GB for GPT-J (the hub's float16 branch holds exactly these).
-        dtype=torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32,
     )
     if not setup["lora"]:
         return model
     set_seed(arguments.seed)  # LoRA: the adapters start random; same seed, same run
-    # LoRA: adapters in the model's FP16, so that DeepSpeed scales the loss and keeps fp32 master copies.
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA), autocast_adapter_dtype=False)
+    # LoRA: adapters in the model's FP16, so that DeepSpeed scales the loss and keeps fp32 masters.
+    model = get_peft_model(model, LoraConfig(**LORA), autocast_adapter_dtype=False)
     model.print_trainable_parameters()
     return model
 
@@ -180,51 +153,43 @@ def train(model, tokenizer, samples, arguments, checkpoint=None, largest_batch=N
         train_dataset=samples["train"],
         eval_dataset=validation,
         processing_class=tokenizer,  # saved to out/ next to the model
-        data_collator=default_data_collator,  # samples are block_size long, with labels: just stacked
-        callbacks=[memory_savers.ReturnCachedPinnedMemory(), *callbacks],  # + the GPU benchmark's timer
+        data_collator=default_data_collator,  # samples are block_size long, with labels: stacked
+        callbacks=[memory_savers.ReturnCachedPinnedMemory(), *callbacks],  # + the benchmark's timer
         compute_loss_func=loss,  # the model's own loss in less GPU memory (None: the model's own)
     )
     arguments.eval_on_start = arguments.eval_on_start and checkpoint is None  # once, before step 1
-    batch = TRAINING["per_device_train_batch_size"]
-    with failures.explained(trainer, FILES["checkpoint_dir"], batch, largest_batch):
+    with failures.explained(trainer, FILES["checkpoint_dir"], TRAINING, largest_batch):
         trainer.train(resume_from_checkpoint=checkpoint)
     return trainer
 
 
 def save(trainer, facts, setup):
-    """Write the consolidated model + tokenizer beside out/, then swap it in: out/ is always a complete
-    model, and a run killed while saving leaves the previous out/ and its checkpoints to resume from."""
+    """The consolidated model + tokenizer, written beside out/ and swapped in: out/ is whole."""
     partial = artifacts.partial_path(FILES["out_dir"])
-    first = trainer.is_world_process_zero()
-    zero_stage = trainer.deepspeed.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
-    with failures.disk_full_while_saving(trainer, partial, FILES["out_dir"], FILES["checkpoint_dir"]):
-        if first:
+    zero_stage = trainer.deepspeed.zero_optimization_stage() if trainer.is_deepspeed_enabled else 0
+    with failures.disk_full_while_saving(trainer, partial, FILES):
+        if trainer.is_world_process_zero():
             shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed while saving
         # ZeRO-3: every process takes part, each holding a shard of the weights that are gathered
         # into one 16-bit state dict (stage3_gather_16bit_weights_on_model_save); process 0 saves.
         memory_savers.drop_optimizer_state(trainer)  # the final checkpoint holds it: room to gather
-        trainer.save_model(partial / "lora_adapter" if setup["lora"] else partial)  # LoRA: adapters only
-        if not first:
+        trainer.save_model(partial / "lora_adapter" if setup["lora"] else partial)  # LoRA: adapters
+        if not trainer.is_world_process_zero():
             return
         if setup["lora"]:
             merge_adapters(trainer, partial)
-        log = artifacts.write_training_log(partial, trainer.state.log_history, facts, zero_stage=zero_stage)
+        history = trainer.state.log_history
+        log = artifacts.write_training_log(partial, history, facts, zero_stage=zero_stage)
     artifacts.swap_in(partial, FILES["out_dir"])
     print(f"\nSaved the fine-tuned model and tokenizer to {FILES['out_dir']}/. {log}")
-    offload_dir = FILES["offload_dir"] if setup["name"] == "disk" else None
-    checkpoints.remove_finished(FILES["checkpoint_dir"], offload_dir)
-
+    checkpoints.remove_finished(FILES["checkpoint_dir"], FILES["offload_dir"])
 
 
 def merge_adapters(trainer, partial):
-    """LoRA: the adapters merged into the base model, out/ a plain FP16 model that loads without PEFT.
-    DeepSpeed's copy of the model goes first; the base model is read again, outside ZeRO-3."""
-    trainer.accelerator.free_memory()
-    trainer.model = trainer.model_wrapped = trainer.deepspeed = trainer.optimizer = None
-    gc.collect()
-    unset_hf_deepspeed_config()  # from_pretrained would build a partitioned model again
-    dtype = torch.float16 if trainer.args.fp16 else torch.bfloat16 if trainer.args.bf16 else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(MODEL["name"], revision=MODEL["revision"], dtype=dtype)
+    """LoRA: the adapters merged into the base model, read again outside ZeRO-3: a plain model."""
+    memory_savers.drop_model(trainer)  # DeepSpeed's copy of the model goes first
+    base = AutoModelForCausalLM.from_pretrained(MODEL["name"], revision=MODEL["revision"],
+                                                dtype="auto")
     merged = PeftModel.from_pretrained(base, partial / "lora_adapter").merge_and_unload()
     merged.save_pretrained(partial)
     trainer.processing_class.save_pretrained(partial)

@@ -6,6 +6,7 @@ copies of the gradients, and the pinned memory ZeRO-3 leaves cached handed back.
 """
 
 import gc
+import os
 
 import torch
 from transformers import TrainerCallback
@@ -62,6 +63,13 @@ def one_kernel_gelu(config):
     return config
 
 
+def install():
+    """The savers that act on their own: the CUDA allocator grows its segments instead of leaving gaps it
+    cannot use (more samples fit a card, bench/RESULTS.md), and ZeRO-3's lean overflow check."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    lean_zero3_overflow_check()
+
+
 def lean_zero3_overflow_check():
     """Less host RAM at every optimizer step. With FP16, DeepSpeed 0.19.8's ZeRO-3 tests the whole flat
     gradient buffer for inf/nan with torch.isinf and torch.isnan, which allocate an abs copy and two masks
@@ -108,6 +116,18 @@ def drop_optimizer_state(trainer):
         master_weights.grad = None
     gc.collect()
     ReturnCachedPinnedMemory().on_train_begin(None, None, None)  # pinned gradients included
+
+
+def drop_model(trainer):
+    """Less host RAM for LoRA's merge, which reads the base model again: DeepSpeed's partitioned copy of
+    it (12 GB of RAM with the model offloaded) goes first, and from_pretrained no longer builds models
+    partitioned for ZeRO-3. The trainer cannot train or save after this."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.deepspeed = trainer.optimizer = None
+    gc.collect()
+    unset_hf_deepspeed_config()
 
 
 class ReturnCachedPinnedMemory(TrainerCallback):

@@ -154,9 +154,11 @@ def assess(name, parameters, block_size, batch, machine):
     return result
 
 
-def choose_setup(choice, parameters, block_size, batch, machine):
-    """The set-up that runs: SETUP's, or for "auto" the first of SETUPS that fits. Stops before any weights
-    load if it does not fit, with the set-ups that would. Returns the set-up with a report to print."""
+def choose_setup(choice, parameters, block_size, training, machine):
+    """The set-up that runs: SETUP's, or for "auto" the first of SETUPS that fits TRAINING's batch on this
+    machine. Stops before any weights load if it does not fit, with the set-ups that would. Returns the
+    set-up with a report to print."""
+    batch = training["per_device_train_batch_size"]
     if choice != "auto" and choice not in SETUPS:
         raise SystemExit(f"finetune.py: SETUP is {choice!r}; it must be 'auto' or one of "
                          f"{', '.join(repr(name) for name in SETUPS)}.")

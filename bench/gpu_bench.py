@@ -335,7 +335,7 @@ def build_gptj(arguments, overrides, lora, one_kernel_gelu=True):
     dtype = torch.float16 if arguments.fp16 else torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if lora:  # as finetune.load_model
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **finetune.LORA), autocast_adapter_dtype=False)
+        model = get_peft_model(model, LoraConfig(**finetune.LORA), autocast_adapter_dtype=False)
     return model
 
 

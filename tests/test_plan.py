@@ -30,7 +30,7 @@ def gptj_6b_run(tmp_path, tiny_model, configure):
 
 def choose(setup, host_gib, gpu_gib, batch=1, block_size=2048, processes=1):
     machine = {"host_ram_gib": host_gib, "gpu_memory_gib": gpu_gib, "processes_on_host": processes, "gpus": processes}
-    return plan.choose_setup(setup, GPTJ_6B, block_size, batch, machine)
+    return plan.choose_setup(setup, GPTJ_6B, block_size, {"per_device_train_batch_size": batch}, machine)
 
 
 def set_up(configure, setup, **machine):
