@@ -5,10 +5,14 @@ loads anything, and writes out/ with finetune_log.json. Both write beside the fi
 and swap it in with renames, so a folder that exists is always complete.
 """
 
+import contextlib
+import errno
 import json
 import math
 import os
 import shutil
+import stat
+import sys
 from pathlib import Path
 
 DATASET_FACTS = "token_split.json"  # written last into the dataset folder: its presence marks it complete
@@ -21,16 +25,120 @@ def partial_path(target):
     return Path(str(Path(target)) + ".partial")
 
 
+def old_path(target):
+    """Where the folder that target replaces waits, between the two renames, to be deleted."""
+    return Path(str(Path(target)) + ".old")
+
+
+@contextlib.contextmanager
+def written_whole(target, script, setting):
+    """A fresh, empty folder beside target to write into, swapped in for target if the block completes.
+
+    Checked before the long work: target can be replaced and its folder written (an error names
+    `setting`, the script's setting for target). If the block fails or is interrupted, the folder is
+    removed again and target stays as it was. A full disk is said in a sentence."""
+    partial = start_partial(target, script, setting)
+    try:
+        yield partial
+        swap_in(partial, target)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            remove_folder(partial)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SystemExit(f"{script}: the disk holding '{target}' is full ({error.strerror}); '{target}' is "
+                             f"as it was. Free some space, or set {setting} to a folder on a larger disk.") from None
+        raise
+
+
+def start_partial(target, script, setting):
+    """Make an empty `<target>.partial`, after checking that target is a folder this process can replace."""
+    target, partial, old = Path(target), partial_path(target), old_path(target)
+    where = f"{setting} is '{target}'"
+    if target.exists() and not target.is_dir():
+        raise SystemExit(f"{script}: {where}, which is a file, not a folder. Move that file away, or set "
+                         f"{setting} in {script} to another folder.")
+    if target.is_dir() and os.path.ismount(target):
+        raise SystemExit(f"{script}: {where}, which is a mount point, but it is replaced whole, by renames. "
+                         f"Set {setting} in {script} to a folder inside it.")
+    if old.exists() and not target.exists():
+        os.replace(old, target)  # a run was killed between swap_in's two renames: the old folder goes back
+    for folder in (target, old):
+        blocker = undeletable(folder)
+        if blocker:
+            raise SystemExit(f"{script}: {where}, but its earlier copy '{folder}' cannot be replaced: '{blocker}' "
+                             f"cannot be deleted (a read-only file system, a protected file, or another user's). "
+                             f"Remove it by hand, or set {setting} in {script} to another folder.")
+    try:
+        remove_folder(old)  # left by a run that could not delete it
+        remove_folder(partial)  # left by a run that was killed while writing
+        partial.mkdir(parents=True)
+    except OSError as error:
+        parent = next(folder for folder in partial.parents if folder.exists())
+        raise SystemExit(f"{script}: {where}, but nothing can be written in '{parent}' ({error.strerror}). Make "
+                         f"that folder writable, or set {setting} in {script} to a folder you can write to.") from None
+    return partial
+
+
+def undeletable(folder):
+    """The first folder or file under folder that this process cannot delete, or None.
+
+    A folder can be emptied if it is writable, or if this process owns it and may make it so; root's access
+    check fails only on a read-only file system or an immutable flag, which keep files too."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return None
+    for directory, _, names in os.walk(folder):
+        if not os.access(directory, os.W_OK | os.X_OK) and not may_make_writable(directory):
+            return directory
+        for name in names if os.geteuid() == 0 else ():
+            path = os.path.join(directory, name)
+            if not os.path.islink(path) and not os.access(path, os.W_OK):
+                return path
+    return None
+
+
+def may_make_writable(path):
+    """Its owner may chmod it, except on a read-only file system; for root, access() has said all."""
+    return os.geteuid() != 0 and os.stat(path).st_uid == os.geteuid() and not os.statvfs(path).f_flag & os.ST_RDONLY
+
+
+def remove_folder(folder):
+    """Delete folder and all it holds, also when it was made read-only (its owner may make it writable)."""
+    if os.path.islink(folder) or os.path.isfile(folder):
+        os.unlink(folder)
+    if not os.path.isdir(folder):
+        return
+    make_owner_writable(folder)
+    for directory, subfolders, _ in os.walk(folder):  # top-down: each folder is opened after its chmod
+        for name in subfolders:
+            make_owner_writable(os.path.join(directory, name))
+    shutil.rmtree(folder)
+
+
+def make_owner_writable(folder):
+    if not os.path.islink(folder):  # a link's chmod would change what it points at
+        with contextlib.suppress(OSError):
+            os.chmod(folder, os.stat(folder).st_mode | stat.S_IRWXU)
+
+
 def swap_in(partial, target):
     """Put a completely written folder in place of target with renames (atomic on one disk): at every
-    moment target is either the old complete folder or the new one."""
-    partial, target = Path(partial), Path(target)
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    moment target is either the old complete folder or the new one, and the old one is then deleted
+    (also when it was made read-only, which used to leave it in the way of the next run)."""
+    partial, target, old = Path(partial), Path(target), old_path(target)
+    remove_folder(old)
     if target.exists():
         os.replace(target, old)
-    os.replace(partial, target)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(partial, target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
+    try:
+        remove_folder(old)
+    except OSError as error:  # the new folder is in place; the next run names what keeps the old one
+        print(f"warning: could not delete the earlier copy '{old}' ({error.strerror}); delete it by hand.",
+              file=sys.stderr)
 
 
 def tokenizer_fingerprint(tokenizer):

@@ -4,18 +4,26 @@
 
 Prepare once, train from disk: all tokenizing and chunking happens here, and finetune.py only loads
 what this script saved (with the facts it needs to check that the data fits the model).
+
+Memory stays bounded whatever the size of the corpus or of one file: files are read and tokenized in
+pieces, the tokens go to a scratch file, and the samples are written to disk as they are cut.
 """
 
+import codecs
+import json
+import os
 import random
-import shutil
+import re
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 import artifacts
 
 SETTINGS = {
-    "text_dir": "text",  # every *.txt below this folder (sub-folders too) is one document
+    "text_dir": "text",  # every *.txt below this folder (sub-folders and linked folders too) is one document
     "dataset_dir": "data/tokenized",  # where the train/validation dataset is written (replaced whole)
     "tokenizer": "EleutherAI/gpt-j-6B",  # hub name or local folder; must be the model's tokenizer
     "block_size": 2048,  # tokens per sample; GPT-J's context is 2048, shorter blocks train faster
@@ -23,176 +31,488 @@ SETTINGS = {
     "seed": 42,  # chooses the validation documents or blocks; same seed, same split
 }
 
+# How the work is done, not what it makes: nothing here changes the dataset (bench/token_bench.py).
+WORK = {
+    "piece_chars": 64 * 1024,  # text per tokenizer input; a longer file is cut into pieces this size
+    "batch_chars": 2 * 1024 * 1024,  # text per tokenizer call, spread over all cores; ~0.3 GB of RAM
+    "read_bytes": 1024 * 1024,  # bytes per read while every file is checked before the long work
+}
+
+TOKENS_FILE = "tokens.bin"  # scratch, in the dataset folder while it is written: all token ids in order
+
 
 def main():
     started = time.time()
-    files = find_text_files(SETTINGS["text_dir"])
-    documents, skipped = read_documents(files, SETTINGS["text_dir"])
-    tokenizer = load_tokenizer(SETTINGS["tokenizer"])
-    token_lists = tokenize(documents, tokenizer)
-    split = split_train_validation(token_lists, tokenizer, SETTINGS)
-    facts = dataset_facts(SETTINGS, tokenizer, documents, skipped, token_lists, split)
-    save(split["samples"], facts, SETTINGS["dataset_dir"])
-    report(facts, SETTINGS, time.time() - started)
+    try:
+        files, notes = find_text_files(SETTINGS["text_dir"])
+        documents, skipped = check_text_files(files, SETTINGS["text_dir"])
+        # Written beside the old dataset and swapped in at the end (artifacts.py): an error or Ctrl-C
+        # leaves the old one as it was, and nothing half-written beside it.
+        with artifacts.written_whole(SETTINGS["dataset_dir"], "token_split.py", "SETTINGS['dataset_dir']") as partial:
+            tokenizer = load_tokenizer(SETTINGS["tokenizer"])
+            token_counts = tokenize(documents, SETTINGS["text_dir"], tokenizer, partial / TOKENS_FILE)
+            split = split_train_validation(token_counts, SETTINGS)
+            sample_counts = write_samples(partial, split, token_counts, tokenizer, SETTINGS)
+            facts = dataset_facts(SETTINGS, tokenizer, documents, skipped, token_counts, split, sample_counts)
+            artifacts.write_dataset_facts(partial, facts)  # last: its presence marks the dataset complete
+    except KeyboardInterrupt:
+        raise SystemExit(f"\ntoken_split.py: stopped by Ctrl-C; '{SETTINGS['dataset_dir']}' is as it was.") from None
+    report(facts, notes, SETTINGS, time.time() - started)
 
 
 def find_text_files(text_dir):
-    """Every *.txt below text_dir, each file once, in a stable (sorted by path) order."""
+    """Every *.txt below text_dir, each real file once, in a stable order (sorted by path).
+
+    Linked folders are followed (a link back into a folder it is in is refused: a loop) and broken links
+    are reported, so no text is left out without a word. Returns the files and notes for the summary."""
     root = Path(text_dir)
+    if root.is_file():
+        raise SystemExit(f"token_split.py: the text folder '{root}' is a file, not a folder. Put your .txt files "
+                         f"in a folder and point SETTINGS['text_dir'] in token_split.py at it.")
     if not root.is_dir():
         raise SystemExit(
             f"token_split.py: the text folder '{root}' does not exist. Put your .txt files there "
             f"(sub-folders are fine), or point SETTINGS['text_dir'] in token_split.py at them."
         )
-    files, seen = [], set()
-    for path in sorted(root.rglob("*.txt"), key=lambda p: p.relative_to(root).as_posix()):
+    found, notes = [], []
+    folders = [(root, {root.resolve()})]  # each with the real folders it is in: a link to one of them loops
+    while folders:
+        folder, above = folders.pop()
+        for path in folder_entries(folder, text_dir):
+            if path.is_symlink():
+                target = os.readlink(path)
+                try:
+                    os.stat(path)
+                except FileNotFoundError:
+                    print(f"warning: skipping '{path}': it is a link to '{target}', which does not exist",
+                          file=sys.stderr)
+                    notes.append(f"skipped the broken link '{path}' -> '{target}'")
+                    continue
+                except OSError:
+                    raise SystemExit(f"token_split.py: '{path}' is a link that loops (through links back to "
+                                     f"itself) and never reaches a file. Remove it, or point it at your text.") from None
+            if path.is_dir():
+                real = path.resolve()
+                if real in above:
+                    raise SystemExit(f"token_split.py: '{path}' links to '{os.readlink(path)}', a folder it is "
+                                     f"itself in, so its files would be read forever. Remove that link, or "
+                                     f"point it at a folder outside '{real}'.")
+                if path.is_symlink():
+                    notes.append(f"followed the link '{path}' -> '{os.readlink(path)}'")
+                folders.append((path, above | {real}))
+            elif path.name.endswith(".txt") and path.is_file():
+                found.append(path)
+    files, seen = [], {}
+    for path in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
         real = path.resolve()  # a file reached twice through a link is read once
-        if path.is_file() and real not in seen:
-            seen.add(real)
-            files.append(path)
+        if real in seen:
+            notes.append(f"'{path}' is the same file as '{seen[real]}', read once")
+            continue
+        seen[real] = path
+        files.append(path)
     if not files:
         raise SystemExit(
             f"token_split.py: no .txt files found under '{root}'. Only files ending in .txt are read; "
             f"copy or rename your training text there."
         )
-    return files
+    return files, notes
 
 
-def read_documents(files, text_dir):
-    """Decode each file as UTF-8 text. Returns [(relative path, text)] and the skipped empty files."""
+def folder_entries(folder, text_dir):
+    try:
+        return [Path(entry.path) for entry in os.scandir(folder)]
+    except OSError as error:
+        raise SystemExit(f"token_split.py: cannot look into the folder '{folder}' ({error.strerror}). Make it "
+                         f"readable (`chmod -R a+rX '{folder}'`), or move it out of {text_dir}/.") from None
+
+
+def check_text_files(files, text_dir):
+    """Read every file once before the long work: each must be readable UTF-8 text (an error names the
+    file and the fix). Returns the documents [(name, path, bytes)] and the skipped (empty) files' names."""
     documents, skipped = [], []
+    progress = progress_bar("checking", files)
     for path in files:
-        name = path.relative_to(text_dir).as_posix()
-        raw = path.read_bytes()
-        if b"\x00" in raw:
-            raise SystemExit(
-                f"token_split.py: '{path}' looks binary (it holds a NUL byte at offset {raw.index(0)}). "
-                f"Only plain UTF-8 text belongs in {text_dir}/: remove or convert that file."
-            )
-        try:
-            text = raw.decode("utf-8-sig")  # -sig: a UTF-8 byte-order mark at the start is dropped
-        except UnicodeDecodeError as error:
-            raise SystemExit(
-                f"token_split.py: '{path}' is not valid UTF-8 (byte offset {error.start}: "
-                f"{raw[error.start:error.start + 4]!r}). Convert it, e.g. "
-                f"`iconv -f latin1 -t utf-8 '{path}' > fixed.txt`, or remove it."
-            ) from None
-        # Windows and old-Mac line ends become '\n', so the same text gives the same tokens everywhere.
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if not text.strip():
+        name, size, has_text = path.relative_to(text_dir).as_posix(), 0, False
+        for text, read in read_text(path, text_dir, WORK["read_bytes"]):
+            has_text = has_text or (text != "" and not text.isspace())
+            size += read
+            progress.update(read)
+        progress.set_postfix_str(f"{len(documents) + len(skipped) + 1}/{len(files)} files", refresh=False)
+        if not has_text:
             print(f"warning: skipping '{path}': it is empty or holds only white space", file=sys.stderr)
             skipped.append(name)
             continue
-        documents.append((name, text))
+        documents.append((name, path, size))
+    progress.close()
     if not documents:
         raise SystemExit(f"token_split.py: every .txt file under '{text_dir}' is empty; nothing to train on.")
     return documents, skipped
 
 
+def read_text(path, text_dir, block_bytes):
+    """A file's text as (text, bytes read), block by block: checked to be UTF-8 (an error names the byte
+    offset and the fix), a byte-order mark at the start dropped, and Windows and old-Mac line ends made
+    '\\n', so the same text gives the same tokens everywhere."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, held = 0, ""  # bytes of the file before this block; a '\r' whose '\n' may start the next block
+    try:
+        file = open(path, "rb")
+    except OSError as error:
+        raise SystemExit(f"token_split.py: cannot read '{path}' ({error.strerror}). Make it readable "
+                         f"(`chmod a+r '{path}'`), or move it out of {text_dir}/.") from None
+    with file:
+        while True:
+            raw = file.read(block_bytes)
+            read, data = len(raw), raw
+            if offset == 0:
+                refuse_other_encodings(raw, path)
+                if raw.startswith(codecs.BOM_UTF8):
+                    data, offset = raw[3:], 3
+            if b"\x00" in data:
+                raise SystemExit(
+                    f"token_split.py: '{path}' looks binary (it holds a NUL byte at offset "
+                    f"{offset + data.index(0)}). Only plain UTF-8 text belongs in {text_dir}/: remove or "
+                    f"convert that file.")
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the end of the last block
+            try:
+                text = held + decoder.decode(data, final=not raw)
+            except UnicodeDecodeError as error:
+                position = offset - pending + error.start
+                raise SystemExit(
+                    f"token_split.py: '{path}' is not valid UTF-8 (byte offset {position}: "
+                    f"{error.object[error.start:error.start + 4]!r}). Convert it, e.g. "
+                    f"`iconv -f latin1 -t utf-8 '{path}' > fixed.txt`, or remove it.") from None
+            offset += len(data)
+            held = "\r" if raw and text.endswith("\r") else ""
+            text = text[:-1] if held else text
+            if text or read:  # at the end, only a last '\r'
+                yield text.replace("\r\n", "\n").replace("\r", "\n"), read
+            if not raw:
+                return
+
+
+def refuse_other_encodings(start, path):
+    """UTF-16 and UTF-32 text (Windows' "Unicode") is not binary, but it is not UTF-8 either: say so."""
+    if start.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        encoding, sign = "UTF-32", "it starts with a UTF-32 byte-order mark"
+    elif start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding, sign = "UTF-16", "it starts with a UTF-16 byte-order mark"
+    else:
+        sample = start[:4096]
+        even, odd = sample[0::2], sample[1::2]  # UTF-16 Latin text: every other byte is 0
+        if len(odd) < 2 or min(even.count(0), odd.count(0)) > len(odd) // 10:
+            return
+        if odd.count(0) > len(odd) // 2:
+            encoding = "UTF-16LE"
+        elif even.count(0) > len(even) // 2:
+            encoding = "UTF-16BE"
+        else:
+            return
+        sign = "every other byte is 0"
+    raise SystemExit(f"token_split.py: '{path}' looks like {encoding} text ({sign}), not UTF-8. Convert it, "
+                     f"e.g. `iconv -f {encoding} -t UTF-8 '{path}' > converted.txt`, and put that in its place.")
+
+
 def load_tokenizer(name):
+    """The model's tokenizer, from a local folder or the Hugging Face hub (downloaded once, then cached)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        local = name.startswith(("/", ".", "~")) or Path(name).exists()
+        reason = "no such folder" if local and not Path(name).exists() else str(error).strip().splitlines()[0]
+        raise SystemExit(
+            f"token_split.py: cannot load the tokenizer '{name}' ({reason}). A tokenizer comes from the "
+            f"Hugging Face hub (downloaded once, which needs the network, then cached) or from a local folder: "
+            f"copy the model's tokenizer files (tokenizer.json, tokenizer_config.json) into a folder and set "
+            f"SETTINGS['tokenizer'] in token_split.py to that folder.") from None
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"token_split.py: the tokenizer '{name}' has no end-of-text (EOS) token to put between documents.")
+    if not tokenizer.is_fast:
+        raise SystemExit(f"token_split.py: the tokenizer '{name}' has no tokenizer.json (a fast tokenizer), "
+                         f"which token_split.py needs to use every core.")
     return tokenizer
 
 
-def tokenize(documents, tokenizer):
-    """One token list per document, each ending in EOS.
+def tokenize(documents, text_dir, tokenizer, token_file):
+    """Tokenize every document into token_file, EOS after each, and return each one's token count.
 
     EOS after every document tells the model where one text stops and the next begins (and teaches it
-    to stop), so it also stands between documents once they are joined into one stream."""
-    token_lists = []
-    for number, (name, text) in enumerate(documents, 1):
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long texts are fine here
-        token_lists.append(ids + [tokenizer.eos_token_id])
-        if len(documents) > 20 and number % max(1, len(documents) // 10) == 0:
-            print(f"  tokenized {number}/{len(documents)} files", flush=True)
-    return token_lists
+    to stop), so it also stands between documents once they are joined into one stream. Files are cut
+    into pieces that give exactly the tokens of the whole file (cut_pieces); the pieces are tokenized in
+    batches, each spread over all cores by the tokenizer's own threads."""
+    encoder = tokenizer.backend_tokenizer  # the Rust tokenizer that `tokenizer(text)` calls
+    piece_chars = WORK["piece_chars"]
+    if not pieces_are_exact(encoder):
+        piece_chars = None
+        print(f"warning: the tokenizer '{tokenizer.name_or_path}' gives other tokens for a text in pieces "
+              f"than for it whole, so each file is tokenized whole: memory grows with the largest file.",
+              file=sys.stderr)
+    dtype = token_dtype(len(tokenizer))
+    counts = [0] * len(documents)
+    progress = progress_bar("tokenizing", [path for _, path, _ in documents])
+    with open(token_file, "wb") as tokens:
+        for batch in batches(document_pieces(documents, text_dir, piece_chars), WORK["batch_chars"]):
+            # encode_batch_fast: encode_batch's ids without the character offsets, 3x faster here
+            encodings = encoder.encode_batch_fast([text for _, text, _, _ in batch], add_special_tokens=False)
+            for (number, _, last, _), encoding in zip(batch, encodings):
+                ids = encoding.ids + [tokenizer.eos_token_id] if last else encoding.ids
+                np.array(ids, dtype).tofile(tokens)
+                counts[number] += len(ids)
+            number, _, last, _ = batch[-1]
+            progress.update(sum(read for _, _, _, read in batch))
+            progress.set_postfix_str(f"{number + last}/{len(documents)} files", refresh=False)
+    progress.close()
+    return counts
 
 
-def cut_blocks(stream, block_size, pad_id):
-    """Cut one token stream into samples of exactly block_size tokens.
-
-    Samples span document boundaries (the EOS marks them), so no token is wasted on padding except in
-    the one last block, which is padded rather than dropped: no token of the text is lost. Padding gets
-    attention_mask 0 and label -100, so the model never attends to it nor is trained to predict it."""
-    samples = {"input_ids": [], "attention_mask": [], "labels": []}
-    for start in range(0, len(stream), block_size):
-        block = stream[start:start + block_size]
-        padding = block_size - len(block)
-        samples["input_ids"].append(block + [pad_id] * padding)
-        samples["attention_mask"].append([1] * len(block) + [0] * padding)
-        samples["labels"].append(block + [-100] * padding)
-    return samples
+def document_pieces(documents, text_dir, piece_chars):
+    """(document number, text, whether it is the document's last piece, bytes read) for every piece."""
+    for number, (_, path, _) in enumerate(documents):
+        for text, last, read in cut_pieces(read_text(path, text_dir, piece_chars or 1 << 20), piece_chars):
+            yield number, text, last, read
 
 
-def split_train_validation(token_lists, tokenizer, settings):
-    """Hold out validation data, reproducibly for a given seed. Returns the samples of both splits, a
-    sentence on how, and which documents (by number) or blocks (of the joined stream) were held out.
+# Where a file's text may be cut: just before a space or line break that follows a non-space. GPT-J's
+# byte-level BPE pre-tokenizer never joins a non-space to the white space after it, and what follows a
+# place where it splits is tokenized as if the text began there, so the pieces' tokens are the whole
+# file's (tests/test_token_split_pieces.py checks this, and pieces_are_exact the tokenizer in use).
+CUT = re.compile(r"[ \n](?=\S)")  # searched in the reversed text, so it finds the last such place first
+
+
+def cut_pieces(blocks, piece_chars):
+    """A file's text blocks as pieces: each block is cut at its last place where text may be cut (CUT),
+    and the text after it goes with the next block. Yields (text, whether it is the last piece, bytes
+    read). piece_chars None: the file is one piece.
+
+    A stretch of text with no such place (one long line with no spaces, e.g. base64, or CJK text without
+    spaces or line breaks) stays in one piece, however long: its tokens are still exact, but it is held
+    in memory whole."""
+    parts, read = [], 0  # the text since the last cut, and the bytes it was read from
+    blocks = iter(blocks)
+    block = next(blocks, ("", 0))
+    for following in blocks:  # a block is cut only once another follows it: a small file is one piece
+        text, block_read = block
+        read += block_read
+        found = CUT.search(text[::-1] + (parts[-1][-1:] if parts else "")) if piece_chars else None
+        if found is None:
+            parts.append(text)
+        else:
+            cut = len(text) - 1 - found.start()
+            yield "".join(parts) + text[:cut], False, read
+            parts, read = [text[cut:]], 0
+        block = following
+    yield "".join(parts) + block[0], True, read + block[1]
+
+
+PIECES_PROBE = "Dear Anna,\nthe keeper's lamp (lit at 9:45)  burns.\n\n  Indented\tline; naïve café 東京 \n end"
+
+
+def pieces_are_exact(encoder):
+    """Whether this tokenizer gives the same tokens for a text cut at every CUT as for it whole: true
+    for byte-level BPE such as GPT-J's; not for one that puts a space before every text it is given."""
+    cuts = [match.start() for match in re.finditer(r"(?<=\S)[ \n]", PIECES_PROBE)]
+    pieces = [PIECES_PROBE[start:end] for start, end in zip([0] + cuts, cuts + [len(PIECES_PROBE)])]
+    in_pieces = [token for encoding in encoder.encode_batch_fast(pieces, add_special_tokens=False)
+                 for token in encoding.ids]
+    return in_pieces == encoder.encode(PIECES_PROBE, add_special_tokens=False).ids
+
+
+def batches(pieces, batch_chars):
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[1])
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def token_dtype(vocab_size):
+    """The smallest type that holds every token id: GPT-J's 50,400 fit in 2 bytes (uint16)."""
+    return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
+
+
+def split_train_validation(token_counts, settings):
+    """Hold out validation data, reproducibly for a given seed, decided from the documents' token counts
+    alone. Returns a sentence on how, and which documents (by number) or blocks (of the joined stream)
+    are held out.
 
     By whole documents where there are enough of them (validation text the model never saw, not even
     the rest of a document it trained on); otherwise by whole blocks of the joined stream."""
     block_size, share = settings["block_size"], settings["validation_share"]
-    total_tokens = sum(len(tokens) for tokens in token_lists)
+    total_tokens = sum(token_counts)
     if total_tokens < block_size:
         raise SystemExit(
             f"token_split.py: the corpus has {total_tokens} tokens, fewer than one block of {block_size}. "
             f"Add more text to {settings['text_dir']}/ or lower SETTINGS['block_size']."
         )
     rng = random.Random(settings["seed"])
-    pad_id = tokenizer.eos_token_id  # any id works: masked out by attention_mask and labels
 
     # By document: shuffled documents go to validation until they hold `share` of the tokens. Used only
     # if that stays near the share asked for and leaves at least one full block to train on.
-    order = list(range(len(token_lists)))
+    order = list(range(len(token_counts)))
     rng.shuffle(order)
     held_out, held_tokens = set(), 0
     for index in order:
         if held_tokens >= share * total_tokens:
             break
         held_out.add(index)
-        held_tokens += len(token_lists[index])
+        held_tokens += token_counts[index]
     train_tokens = total_tokens - held_tokens
-    if len(token_lists) >= 2 and held_tokens <= 2 * share * total_tokens and train_tokens >= block_size:
-        train_stream = [t for i, tokens in enumerate(token_lists) if i not in held_out for t in tokens]
-        validation_stream = [t for i in sorted(held_out) for t in token_lists[i]]
-        splits = {
-            "train": cut_blocks(train_stream, block_size, pad_id),
-            "validation": cut_blocks(validation_stream, block_size, pad_id),
-        }
-        method = f"by document: {len(held_out)} of {len(token_lists)} documents held out"
-        return {"samples": splits, "method": method, "held_out": {"validation_documents": sorted(held_out)}}
+    if len(token_counts) >= 2 and held_tokens <= 2 * share * total_tokens and train_tokens >= block_size:
+        method = f"by document: {len(held_out)} of {len(token_counts)} documents held out"
+        return {"method": method, "held_out": {"validation_documents": sorted(held_out)}}
 
-    # By block: too few or too uneven documents. Whole blocks of the stream are held out.
-    blocks = cut_blocks([t for tokens in token_lists for t in tokens], block_size, pad_id)
-    block_count = len(blocks["input_ids"])
+    # By block: too few or too uneven documents. Whole blocks of the stream are held out; never none
+    # when there are two blocks or more.
+    block_count = -(-total_tokens // block_size)
     validation_count = max(1, round(share * block_count)) if block_count >= 2 else 0
-    validation_blocks = set(rng.sample(range(block_count), validation_count))
-    splits = {
-        name: {column: [row for i, row in enumerate(rows) if (i in validation_blocks) == (name == "validation")]
-               for column, rows in blocks.items()}
-        for name in ("train", "validation")
-    }
+    validation_blocks = rng.sample(range(block_count), validation_count)
     if validation_count == 0:
         method = "none: the corpus fills only one block, so there is no validation data (add text for one)"
     else:
         method = (f"by block: {validation_count} of {block_count} blocks held out "
                   f"(too few documents, or too uneven, to hold out whole ones)")
-    return {"samples": splits, "method": method, "held_out": {"validation_blocks": sorted(validation_blocks)}}
+    return {"method": method, "held_out": {"validation_blocks": sorted(validation_blocks)}}
 
 
-def dataset_facts(settings, tokenizer, documents, skipped, token_lists, split):
+def write_samples(partial, split, token_counts, tokenizer, settings):
+    """Cut the token stream into samples of exactly block_size tokens, written into the dataset's train
+    and validation splits as they are cut. Returns each split's counts.
+
+    Samples span document boundaries (the EOS marks them), so no token is wasted on padding except in
+    the one last block of each stream, which is padded rather than dropped: no token of the text is lost.
+    Padding gets attention_mask 0 and label -100, so the model never attends to it nor is trained to
+    predict it. The train stream is the training documents in order, the validation stream the held-out
+    ones in order; split by block, one stream of all documents is cut and its blocks are dealt out."""
+    block_size, pad_id = settings["block_size"], tokenizer.eos_token_id  # pad: any id, it is masked out
+    ends = np.cumsum(token_counts)
+    starts = ends - np.array(token_counts)
+    held = split["held_out"]
+    if "validation_documents" in held:
+        validation = set(held["validation_documents"])
+        streams = [("train", [(starts[i], ends[i]) for i in range(len(ends)) if i not in validation]),
+                   ("validation", [(starts[i], ends[i]) for i in sorted(validation)])]
+    else:
+        streams = [("by block", [(0, ends[-1])])]
+    validation_blocks = np.array(held.get("validation_blocks", []), dtype=np.int64)
+    dtype = token_dtype(len(tokenizer))
+    counts = {name: {"samples": 0, "tokens": 0, "padding_tokens": 0} for name in ("train", "validation")}
+    writers = open_splits(partial, sample_features(block_size, dtype))
+    for stream, ranges in streams:
+        first = 0  # number of this stream's first block in the batch
+        for ids, lengths in cut_blocks(read_tokens(partial / TOKENS_FILE, ranges, dtype), block_size, pad_id):
+            numbers = np.arange(first, first + len(ids))
+            first += len(ids)
+            held_out = np.isin(numbers, validation_blocks) if stream == "by block" else stream == "validation"
+            in_validation = np.broadcast_to(held_out, numbers.shape)
+            for name, rows in (("train", ~in_validation), ("validation", in_validation)):
+                if rows.any():
+                    writers[name].write_table(samples_table(ids[rows], lengths[rows], dtype))
+                    counts[name]["samples"] += int(rows.sum())
+                    counts[name]["tokens"] += int(lengths[rows].sum())
+                    counts[name]["padding_tokens"] += int((block_size - lengths[rows]).sum())
+    close_splits(partial, writers, counts)
+    (partial / TOKENS_FILE).unlink()
+    return counts
+
+
+def read_tokens(token_file, ranges, dtype, chunk_tokens=1 << 20):
+    """The token ids of the given (start, end) ranges of token_file, in chunks of at most chunk_tokens;
+    ranges that touch are read as one."""
+    merged = []
+    for start, end in ranges:
+        if merged and merged[-1][1] == start:
+            merged[-1][1] = end
+        elif end > start:
+            merged.append([start, end])
+    with open(token_file, "rb") as tokens:
+        for start, end in merged:
+            tokens.seek(int(start) * np.dtype(dtype).itemsize)
+            for chunk_start in range(int(start), int(end), chunk_tokens):
+                yield np.fromfile(tokens, dtype, min(chunk_tokens, int(end) - chunk_start))
+
+
+def cut_blocks(chunks, block_size, pad_id):
+    """Blocks of exactly block_size tokens from a stream that comes in chunks, the last one padded.
+    Yields (ids: a rows x block_size array, lengths: the real tokens in each row)."""
+    rest = None
+    for chunk in chunks:
+        tokens = chunk if rest is None else np.concatenate([rest, chunk])
+        whole = len(tokens) // block_size * block_size
+        if whole:
+            yield tokens[:whole].reshape(-1, block_size), np.full(whole // block_size, block_size)
+        rest = tokens[whole:]
+    if rest is not None and len(rest):
+        ids = np.full((1, block_size), pad_id, dtype=rest.dtype)
+        ids[0, :len(rest)] = rest
+        yield ids, np.array([len(rest)])
+
+
+def sample_features(block_size, dtype):
+    """The columns of a sample. Ids in the smallest type that holds the vocabulary (np.uint16 for GPT-J),
+    labels in int32 for their -100, the mask in int8: 7 bytes a token on disk instead of int64's 24. The
+    Trainer's default_data_collator gets them as Python ints and stacks them into int64 tensors."""
+    from datasets import Features, List, Value
+
+    return Features({
+        "input_ids": List(Value(np.dtype(dtype).name), length=block_size),
+        "attention_mask": List(Value("int8"), length=block_size),
+        "labels": List(Value("int32"), length=block_size),
+    })
+
+
+def samples_table(ids, lengths, dtype):
+    import pyarrow as pa
+
+    block_size = ids.shape[1]
+    mask = np.arange(block_size) < lengths[:, None]
+    columns = {"input_ids": ids.astype(dtype, copy=False), "attention_mask": mask.astype(np.int8),
+               "labels": np.where(mask, ids.astype(np.int32), np.int32(-100))}
+    return pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), block_size)
+                     for name, values in columns.items()})
+
+
+def open_splits(partial, features):
+    """An Arrow writer for each split, writing into the dataset folder as `datasets` lays it out.
+
+    datasets saves only a dataset that exists already, in memory or memory-mapped (and every byte of a
+    memory-mapped copy counts against RAM while it is saved), so it lays out the folder for an empty
+    dataset with these columns, and the samples are streamed into each split's one data file."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    empty = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # its bar would count the empty dataset's none
+    datasets.DatasetDict(train=empty, validation=empty).save_to_disk(
+        str(partial), num_shards={"train": 1, "validation": 1})
+    if bars_were_on:
+        datasets.enable_progress_bars()
+    writers = {}
+    for name in ("train", "validation"):
+        [data_file] = json.loads((partial / name / "state.json").read_text())["_data_files"]
+        writers[name] = ArrowWriter(features=features, path=str(partial / name / data_file["filename"]))
+    return writers
+
+
+def close_splits(partial, writers, counts):
+    from datasets import load_from_disk
+
+    for writer in writers.values():
+        writer.finalize()
+        writer.close()
+    saved = load_from_disk(str(partial))
+    for name, count in counts.items():  # the layout is datasets'; a version that changed it stops here
+        assert len(saved[name]) == count["samples"], f"{partial}/{name}: datasets did not read what was written"
+
+
+def dataset_facts(settings, tokenizer, documents, skipped, token_counts, split, sample_counts):
     """The facts finetune.py checks before it loads the model, and a record of what went in."""
-    counts = {
-        name: {
-            "samples": len(samples["input_ids"]),
-            "tokens": sum(sum(mask) for mask in samples["attention_mask"]),
-            "padding_tokens": sum(mask.count(0) for mask in samples["attention_mask"]),
-        }
-        for name, samples in split["samples"].items()
-    }
     return {
         "tokenizer": settings["tokenizer"],
         **artifacts.tokenizer_fingerprint(tokenizer),
@@ -202,31 +522,33 @@ def dataset_facts(settings, tokenizer, documents, skipped, token_lists, split):
         "split": split["method"],
         **split["held_out"],  # validation_documents or validation_blocks: lets anyone rebuild the split
         "documents": len(documents),
-        "tokens": sum(len(tokens) for tokens in token_lists),
-        "counts": counts,
-        "files": [{"path": name, "tokens": len(tokens)} for (name, _), tokens in zip(documents, token_lists)],
+        "tokens": sum(token_counts),
+        "counts": sample_counts,
+        "files": [{"path": name, "tokens": count} for (name, _, _), count in zip(documents, token_counts)],
         "skipped_files": skipped,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
 
-def save(splits, facts, dataset_dir):
-    """Write the dataset next to its final place, then swap it in: an earlier dataset is replaced only
-    once the new one is complete, and an interrupted run leaves no folder that looks complete."""
-    from datasets import Dataset, DatasetDict
+def progress_bar(description, paths):
+    """A bar in MB (with MB/s) and files, shown only once the work has taken a couple of seconds."""
+    from tqdm import tqdm
 
-    partial = artifacts.partial_path(dataset_dir)
-    shutil.rmtree(partial, ignore_errors=True)
-    DatasetDict({name: Dataset.from_dict(split) for name, split in splits.items()}).save_to_disk(str(partial))
-    artifacts.write_dataset_facts(partial, facts)  # last: its presence marks the dataset complete
-    artifacts.swap_in(partial, dataset_dir)
+    total = sum(os.path.getsize(path) for path in paths)
+    bar = tqdm(total=total, desc=description, unit="B", unit_scale=True, delay=2, file=sys.stderr)
+    bar.set_postfix_str(f"0/{len(paths)} files", refresh=False)
+    return bar
 
 
-def report(facts, settings, seconds):
-    counts = facts["counts"]
-    print(f"\nRead {facts['documents']} files from {settings['text_dir']}/"
-          + (f" (skipped {len(facts['skipped_files'])} empty)" if facts["skipped_files"] else "")
-          + f": {facts['tokens']:,} tokens, EOS after each document.")
+def report(facts, notes, settings, seconds):
+    counts, names = facts["counts"], [entry["path"] for entry in facts["files"]]
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6:,} more" if len(names) > 6 else "")
+    print(f"\nRead {len(names):,} file{'s' * (len(names) != 1)} from {settings['text_dir']}/ ({shown})"
+          + (f", skipped {len(facts['skipped_files'])} empty" if facts["skipped_files"] else "")
+          + f": {facts['tokens']:,} tokens, EOS after each document. Each file and its tokens are listed in "
+          f"{settings['dataset_dir']}/{artifacts.DATASET_FACTS}.")
+    for note in notes:  # links followed or broken, files reached twice
+        print(f"  {note}")
     print(f"Cut into blocks of {facts['block_size']} tokens: {counts['train']['samples']:,} train samples, "
           f"{counts['validation']['samples']:,} validation samples "
           f"({counts['train']['padding_tokens'] + counts['validation']['padding_tokens']} padding tokens in all).")
