@@ -5,8 +5,10 @@ loads anything, and writes out/ with finetune_log.json. Both write beside the fi
 and swap it in with renames, so a folder that exists is always complete.
 """
 
+import array
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
@@ -80,25 +82,36 @@ def start_partial(target, script, setting):
 
 
 def undeletable(folder):
-    """The first folder or file under folder that this process cannot delete, or None.
-
-    A folder can be emptied if it is writable, or if this process owns it and may make it so; root's access
-    check fails only on a read-only file system or an immutable flag, which keep files too."""
+    """The first folder or file under folder that this process cannot delete, or None: a folder that is
+    neither writable nor this process's to make writable (another user's, or on a read-only file
+    system), or anything with an immutable or append-only flag (`chattr +i`), which stops even root."""
     if not os.path.isdir(folder) or os.path.islink(folder):
         return None
     for directory, _, names in os.walk(folder):
-        if not os.access(directory, os.W_OK | os.X_OK) and not may_make_writable(directory):
+        writable = os.access(directory, os.W_OK | os.X_OK) or (
+            os.stat(directory).st_uid == os.geteuid() and not os.statvfs(directory).f_flag & os.ST_RDONLY)
+        if not writable or protected(directory):
             return directory
-        for name in names if os.geteuid() == 0 else ():
-            path = os.path.join(directory, name)
-            if not os.path.islink(path) and not os.access(path, os.W_OK):
+        for path in (os.path.join(directory, name) for name in names):
+            if protected(path):
                 return path
     return None
 
 
-def may_make_writable(path):
-    """Its owner may chmod it, except on a read-only file system; for root, access() has said all."""
-    return os.geteuid() != 0 and os.stat(path).st_uid == os.geteuid() and not os.statvfs(path).f_flag & os.ST_RDONLY
+def protected(path):
+    """Whether path has the immutable or append-only flag (read with the ioctl that lsattr uses)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:  # a link, or not ours to read: its folder decides
+        return False
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(descriptor, 0x80086601, flags)  # FS_IOC_GETFLAGS
+        return bool(flags[0] & (0x10 | 0x20))  # FS_IMMUTABLE_FL, FS_APPEND_FL
+    except OSError:  # a file system without these flags
+        return False
+    finally:
+        os.close(descriptor)
 
 
 def remove_folder(folder):

@@ -258,7 +258,7 @@ def tokenize(documents, text_dir, tokenizer, token_file):
             encodings = encoder.encode_batch_fast([text for _, text, _, _ in batch], add_special_tokens=False)
             for (number, _, last, _), encoding in zip(batch, encodings):
                 ids = encoding.ids + [tokenizer.eos_token_id] if last else encoding.ids
-                np.array(ids, dtype).tofile(tokens)
+                tokens.write(np.array(ids, dtype).tobytes())
                 counts[number] += len(ids)
             number, _, last, _ = batch[-1]
             progress.update(sum(read for _, _, _, read in batch))
@@ -535,7 +535,7 @@ def progress_bar(description, paths):
     from tqdm import tqdm
 
     total = sum(os.path.getsize(path) for path in paths)
-    bar = tqdm(total=total, desc=description, unit="B", unit_scale=True, delay=2, file=sys.stderr)
+    bar = tqdm(total=total, desc=description, unit="B", unit_scale=True, delay=2, mininterval=1, file=sys.stderr)
     bar.set_postfix_str(f"0/{len(paths)} files", refresh=False)
     return bar
 
