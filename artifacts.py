@@ -1,8 +1,8 @@
-"""The folders the scripts hand each other: the dataset and its facts, out/ and its log, each written whole.
+"""The folders the scripts hand each other: the dataset and its facts, out/ and its log, whole.
 
-token_split.py writes data/tokenized/ with a facts file; finetune.py reads and checks those facts before it
-loads anything, and writes out/ with finetune_log.json. Both write beside the final folder (".partial")
-and swap it in with renames, so a folder that exists is always complete.
+token_split.py writes data/tokenized/ with a facts file; finetune.py reads and checks those facts
+before it loads anything, and writes out/ with finetune_log.json. Both write beside the final folder
+(".partial") and swap it in with renames, so a folder that exists is always complete.
 """
 
 import array
@@ -17,8 +17,8 @@ import stat
 import sys
 from pathlib import Path
 
-DATASET_FACTS = "token_split.json"  # written last into the dataset folder: its presence marks it complete
-TRAINING_LOG = "finetune_log.json"  # in out/: validation loss before and after, and the Trainer's log
+DATASET_FACTS = "token_split.json"  # written last into the dataset folder: it marks it complete
+TRAINING_LOG = "finetune_log.json"  # in out/: validation loss before and after, the Trainer's log
 PROBE_TEXT = "Hello world, naïve café 123\n"
 
 
@@ -34,7 +34,7 @@ def old_path(target):
 
 @contextlib.contextmanager
 def written_whole(target, script, setting):
-    """A fresh, empty folder beside target to write into, swapped in for target if the block completes.
+    """A fresh, empty folder beside target to write into, swapped in for target if the block ends.
 
     Checked before the long work: target can be replaced and its folder written (an error names
     `setting`, the script's setting for target). If the block fails or is interrupted, the folder is
@@ -47,49 +47,55 @@ def written_whole(target, script, setting):
         with contextlib.suppress(OSError):
             remove_folder(partial)
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise SystemExit(f"{script}: the disk holding '{target}' is full ({error.strerror}); '{target}' is "
-                             f"as it was. Free some space, or set {setting} to a folder on a larger disk.") from None
+            raise SystemExit(f"{script}: the disk holding '{target}' is full ({error.strerror}); "
+                             f"'{target}' is as it was. Free some space, or set {setting} to a "
+                             f"folder on a larger disk.") from None
         raise
 
 
 def start_partial(target, script, setting):
-    """Make an empty `<target>.partial`, after checking that target is a folder this process can replace."""
+    """Make an empty `<target>.partial`, once target is known to be a folder this process can
+    replace."""
     target, partial, old = Path(target), partial_path(target), old_path(target)
     where = f"{setting} is '{target}'"
     if target.exists() and not target.is_dir():
-        raise SystemExit(f"{script}: {where}, which is a file, not a folder. Move that file away, or set "
-                         f"{setting} in {script} to another folder.")
+        raise SystemExit(f"{script}: {where}, which is a file, not a folder. Move that file away, "
+                         f"or set {setting} in {script} to another folder.")
     if target.is_dir() and os.path.ismount(target):
-        raise SystemExit(f"{script}: {where}, which is a mount point, but it is replaced whole, by renames. "
-                         f"Set {setting} in {script} to a folder inside it.")
+        raise SystemExit(f"{script}: {where}, which is a mount point, but it is replaced whole, by "
+                         f"renames. Set {setting} in {script} to a folder inside it.")
     if old.exists() and not target.exists():
-        os.replace(old, target)  # a run was killed between swap_in's two renames: the old folder goes back
+        os.replace(old, target)  # a run was killed between swap_in's renames: the old one goes back
     for folder in (target, old):
         blocker = undeletable(folder)
         if blocker:
-            raise SystemExit(f"{script}: {where}, but its earlier copy '{folder}' cannot be replaced: '{blocker}' "
-                             f"cannot be deleted (a read-only file system, a protected file, or another user's). "
-                             f"Remove it by hand, or set {setting} in {script} to another folder.")
+            raise SystemExit(f"{script}: {where}, but its earlier copy '{folder}' cannot be "
+                             f"replaced: '{blocker}' cannot be deleted (a read-only file system, a "
+                             f"protected file, or another user's). Remove it by hand, or set "
+                             f"{setting} in {script} to another folder.")
     try:
         remove_folder(old)  # left by a run that could not delete it
         remove_folder(partial)  # left by a run that was killed while writing
         partial.mkdir(parents=True)
     except OSError as error:
         parent = next(folder for folder in partial.parents if folder.exists())
-        raise SystemExit(f"{script}: {where}, but nothing can be written in '{parent}' ({error.strerror}). Make "
-                         f"that folder writable, or set {setting} in {script} to a folder you can write to.") from None
+        raise SystemExit(f"{script}: {where}, but nothing can be written in '{parent}' "
+                         f"({error.strerror}). Make that folder writable, or set {setting} in "
+                         f"{script} to a folder you can write to.") from None
     return partial
 
 
 def undeletable(folder):
-    """The first folder or file under folder that this process cannot delete, or None: a folder that is
-    neither writable nor this process's to make writable (another user's, or on a read-only file
-    system), or anything with an immutable or append-only flag (`chattr +i`), which stops even root."""
+    """The first folder or file under folder that this process cannot delete, or None: a folder that
+    is neither writable nor this process's to make writable (another user's, or on a read-only file
+    system), or anything with an immutable or append-only flag (`chattr +i`), which stops even
+    root."""
     if not os.path.isdir(folder) or os.path.islink(folder):
         return None
     for directory, _, names in os.walk(folder):
-        writable = os.access(directory, os.W_OK | os.X_OK) or (
-            os.stat(directory).st_uid == os.geteuid() and not os.statvfs(directory).f_flag & os.ST_RDONLY)
+        read_only_disk = os.statvfs(directory).f_flag & os.ST_RDONLY
+        owned = os.stat(directory).st_uid == os.geteuid()
+        writable = os.access(directory, os.W_OK | os.X_OK) or (owned and not read_only_disk)
         if not writable or protected(directory):
             return directory
         for path in (os.path.join(directory, name) for name in names):
@@ -115,13 +121,13 @@ def protected(path):
 
 
 def remove_folder(folder):
-    """Delete folder and all it holds, also when it was made read-only (its owner may make it writable)."""
+    """Delete folder and all it holds, also when it was made read-only (its owner may undo that)."""
     if os.path.islink(folder) or os.path.isfile(folder):
         os.unlink(folder)
     if not os.path.isdir(folder):
         return
     make_owner_writable(folder)
-    for directory, subfolders, _ in os.walk(folder):  # top-down: each folder is opened after its chmod
+    for directory, subfolders, _ in os.walk(folder):  # top-down: a folder is listed after its chmod
         for name in subfolders:
             make_owner_writable(os.path.join(directory, name))
     shutil.rmtree(folder)
@@ -134,9 +140,9 @@ def make_owner_writable(folder):
 
 
 def swap_in(partial, target):
-    """Put a completely written folder in place of target with renames (atomic on one disk): at every
-    moment target is either the old complete folder or the new one, and the old one is then deleted
-    (also when it was made read-only, which used to leave it in the way of the next run)."""
+    """Put a completely written folder in place of target with renames (atomic on one disk): at
+    every moment target is either the old complete folder or the new one, and the old one is then
+    deleted (also when it was made read-only, which used to leave it in the way of the next run)."""
     partial, target, old = Path(partial), Path(target), old_path(target)
     remove_folder(old)
     if target.exists():
@@ -149,13 +155,14 @@ def swap_in(partial, target):
         raise
     try:
         remove_folder(old)
-    except OSError as error:  # the new folder is in place; the next run names what keeps the old one
-        print(f"warning: could not delete the earlier copy '{old}' ({error.strerror}); delete it by hand.",
-              file=sys.stderr)
+    except OSError as error:  # the new folder is in place; the next run names what keeps the old
+        print(f"warning: could not delete the earlier copy '{old}' ({error.strerror}); delete it "
+              f"by hand.", file=sys.stderr)
 
 
 def tokenizer_fingerprint(tokenizer):
-    """Size, EOS and a short text's ids: two tokenizers that agree on these are taken to be the same."""
+    """Size, EOS and a short text's ids: two tokenizers that agree on these are taken to be the
+    same."""
     return {
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
@@ -168,25 +175,32 @@ def write_dataset_facts(folder, facts):
 
 
 def read_dataset_facts(dataset_dir):
-    """The facts token_split.py saved; a clear error if the folder is missing or was never completed."""
+    """The facts token_split.py saved; a clear error if the folder is missing or was never
+    completed."""
     path = Path(dataset_dir) / DATASET_FACTS
     if not path.is_file():
-        state = "is incomplete (an earlier token_split.py run stopped half-way)" if Path(dataset_dir).exists() \
-            else "does not exist"
-        raise SystemExit(f"the dataset folder '{dataset_dir}' {state}. Run `python token_split.py` first.")
+        state = "does not exist"
+        if Path(dataset_dir).exists():
+            state = "is incomplete (an earlier token_split.py run stopped half-way)"
+        raise SystemExit(f"the dataset folder '{dataset_dir}' {state}. Run `python token_split.py` "
+                         f"first.")
     return json.loads(path.read_text())
 
 
 def check_dataset(facts, tokenizer, model_name, context):
-    """Stop before loading the model if the dataset was made for another tokenizer or is too long for it."""
-    if tokenizer_fingerprint(tokenizer) != {key: facts[key] for key in ("vocab_size", "eos_token_id", "tokenizer_probe")}:
+    """Stop before loading the model if the dataset was made for another tokenizer or is too
+    long."""
+    fingerprint = {key: facts[key] for key in ("vocab_size", "eos_token_id", "tokenizer_probe")}
+    if tokenizer_fingerprint(tokenizer) != fingerprint:
         raise SystemExit(
-            f"finetune.py: the dataset was tokenized with '{facts['tokenizer']}' ({facts['vocab_size']} tokens), "
-            f"which is not the tokenizer of '{model_name}' ({len(tokenizer)} tokens). Set token_split.py's "
-            f"tokenizer to '{model_name}' and re-run `python token_split.py`.")
+            f"finetune.py: the dataset was tokenized with '{facts['tokenizer']}' "
+            f"({facts['vocab_size']} tokens), which is not the tokenizer of '{model_name}' "
+            f"({len(tokenizer)} tokens). Set token_split.py's tokenizer to '{model_name}' and "
+            f"re-run `python token_split.py`.")
     if facts["block_size"] > context:
-        raise SystemExit(f"finetune.py: the dataset's blocks of {facts['block_size']} tokens are longer than the "
-                         f"model's context of {context}. Lower token_split.py's block_size and re-run it.")
+        raise SystemExit(f"finetune.py: the dataset's blocks of {facts['block_size']} tokens are "
+                         f"longer than the model's context of {context}. Lower token_split.py's "
+                         f"block_size and re-run it.")
 
 
 def validation_summary(log_history):
@@ -195,18 +209,21 @@ def validation_summary(log_history):
     if len(losses) < 2:
         return {}
     return {"validation_loss_before": losses[0], "validation_loss_after": losses[-1],
-            "validation_perplexity_before": math.exp(losses[0]), "validation_perplexity_after": math.exp(losses[-1])}
+            "validation_perplexity_before": math.exp(losses[0]),
+            "validation_perplexity_after": math.exp(losses[-1])}
 
 
 def write_training_log(folder, log_history, facts, **extra):
-    """out/finetune_log.json: what was trained on, the validation summary and the Trainer's whole log.
-    Returns the summary in a sentence."""
+    """out/finetune_log.json: what was trained on, the validation summary and the Trainer's whole
+    log. Returns the summary in a sentence."""
     summary = validation_summary(log_history)
-    dataset = {key: facts[key] for key in ("tokenizer", "block_size", "tokens", "counts", "created")}
+    kept = ("tokenizer", "block_size", "tokens", "counts", "created")
+    dataset = {key: facts[key] for key in kept}
     log = {**summary, **extra, "dataset": dataset, "log_history": log_history}
     (Path(folder) / TRAINING_LOG).write_text(json.dumps(log, indent=1) + "\n")
     if not summary:
         return "No validation loss was measured."
-    return (f"Validation loss {summary['validation_loss_before']:.4f} -> {summary['validation_loss_after']:.4f}, "
-            f"perplexity {summary['validation_perplexity_before']:.2f} -> "
+    return (f"Validation loss {summary['validation_loss_before']:.4f} -> "
+            f"{summary['validation_loss_after']:.4f}, perplexity "
+            f"{summary['validation_perplexity_before']:.2f} -> "
             f"{summary['validation_perplexity_after']:.2f}.")
