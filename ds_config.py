@@ -62,15 +62,14 @@ DS_CONFIG = {
 # fills in "nvme_path". Needs DeepSpeed's async I/O op (libaio).
 NVME_OFFLOAD = {
     "zero_optimization": {
-        "offload_optimizer": {
-            "device": "nvme", "nvme_path": None, "pin_memory": False,
-            "pipeline_read": True, "pipeline_write": True,  # read the next sub-group while one steps
-            "buffer_count": 8,  # sub-groups in flight: 8 x sub_group_size x 4 bytes of pinned RAM
-        },
+        "offload_optimizer": {"device": "nvme", "nvme_path": None, "pin_memory": False,
+                              "buffer_count": 4},  # sub-groups in flight: 4 x sub_group_size x 4 bytes of RAM
         "sub_group_size": 1e8,  # parameters per swapped chunk: smaller = less RAM, more (smaller) requests
     },
-    # The async I/O op's requests: 1 MiB blocks, 32 in flight per thread, 4 threads (ds_io, bench/).
-    "aio": {"block_size": 1048576, "queue_depth": 32, "intra_op_parallelism": 4, "single_submit": False,
+    # The async I/O op's requests (DeepSpeed's defaults for an NVMe SSD; "thread_count" is not read, the
+    # threads are "intra_op_parallelism"). Reading the next sub-group while one steps (pipeline_read and
+    # pipeline_write) ran out of swap buffers at buffer_count 8 (bench/RESULTS.md): not used.
+    "aio": {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
             "overlap_events": True},
 }
 

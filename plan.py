@@ -13,60 +13,63 @@ from pathlib import Path
 
 import torch
 
-# Per set-up: host RAM (peak RSS), GPU memory (the largest per-device batch of 2048 tokens per card size, or
-# a fixed part, a part per parameter that ZeRO-3 splits between the GPUs, and a part per sample), disk, and
-# speed (tokens/s, at the budget named); bench/RESULTS.md and bench/results.json hold every record.
+# Per set-up, measured with this code on one H200 capped to each card size (bench/results.json names every
+# record, bench/RESULTS.md tells them): host RAM at peak, GPU memory (the largest per-device batch of 2048
+# tokens per card size, or a fixed part, a part per parameter that ZeRO-3 splits between the GPUs, and a
+# part per sample), disk, and speed (tokens/s, with the card and batch it was measured at).
 MEASURED = {
     "parameters": 6.05e9,  # GPT-J-6B; the GPU figures hold for it only
     "gpu": {
-        "host_gib": 3,  # Python's and the libraries'; training measured 12.8 GiB in all
+        "host_gib": 3,  # Python's and the libraries' (training peaked at 12.8 GiB)
         "host_bytes_per_parameter": 2,  # the 16-bit weights gathered into RAM to be saved
         "gpu_bytes_per_parameter": 16,  # FP16 weights and gradients, fp32 master weights, Adam m and v
-        "gpu_mib_fixed": 14200,  # ZeRO-3's buffers and the CUDA context
-        "gpu_mib_per_sample": 795,
-        "tokens_per_s": 10760,  # B=22, GA 8, one H200 (139 GiB)
+        "gpu_mib_fixed": 4200,  # the CUDA context and ZeRO-3's buffers: 115,649 MiB in all at B=26
+        "gpu_mib_per_sample": 737,  # as offloaded (the activations are the same)
+        "tokens_per_s": {139.8: 10920},  # card GiB: tokens/s; B=26, GA 4
     },
     "ram-pinned": {
-        "host_bytes_per_parameter": 27.35,  # 154.1 GiB
+        # 154.1 GiB before the lean overflow check (17 GiB) and the cached pinned memory handed back; with
+        # them, killed at a 124 GiB limit: counted as 137 GiB until measured.
+        "host_bytes_per_parameter": 24.3,
         "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # measured unpinned; pinning added 104 MiB at 24
         "gpu_mib_per_sample": 737,
-        "tokens_per_s": 8716,  # B=26, GA 8, 24 GiB; 9,586 in a second run
+        "tokens_per_s": {24: 8716},  # B=26, GA 8; 9,586 in a second run
     },
     "ram": {
-        "host_bytes_per_parameter": 24.2,  # 136.4 GiB: FP16 weights, fp32 master weights, Adam m, v, gradients
+        "host_bytes_per_parameter": 21.2,  # 119.5 GiB: FP16 weights and gradients, fp32 master, m, v, gradients
         "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # card GiB: samples (whole process, 2048 tokens)
         "gpu_mib_per_sample": 737,  # beyond the largest card measured
-        "tokens_per_s": 6010,  # B=26, GA 8, 24 GiB
+        "tokens_per_s": {24: 6513},  # B=26, GA 8
     },
     "lora": {
-        "host_gib": 3,  # Python's and the libraries'
+        "host_gib": 3,  # Python's and the libraries' (training peaked at 2.1 GiB)
         "host_bytes_per_parameter": 2,  # at the end: the base model in RAM, to merge the adapters into
         "gpu_bytes_per_parameter": 2,  # the frozen FP16 weights
-        "gpu_mib_fixed": 1300,  # the CUDA context and ZeRO-3's buffers
-        "gpu_mib_per_sample": 2105,  # measured before the loss in chunks: an upper bound
-        "tokens_per_s": 9486,  # B=5, GA 2, 24 GiB
+        "gpu_mib_fixed": 3460,  # 16 GiB: B=1 fits, 2 does not; 24 GiB: 12 fit, 14 do not
+        "gpu_mib_per_sample": 768,
+        "tokens_per_s": {16: 2033, 24: 12914},  # B=1 and B=12, GA 2
     },
     "lora-ram": {
-        "host_gib": 3,  # Python's and the libraries'
+        "host_gib": 3,  # Python's and the libraries' (training peaked at 13.8 GiB)
         "host_bytes_per_parameter": 4,  # the frozen FP16 weights, pinned; at the end, the model to merge
-        "gpu_mib_fixed": 4000,  # the CUDA context, the layers being used and the next ones
-        "gpu_mib_per_sample": 737,
-        "tokens_per_s": 3000,  # not measured yet
+        "largest_batch": {8: 4, 12: 10, 16: 15},
+        "gpu_mib_per_sample": 820,
+        "tokens_per_s": {8: 6073, 12: 11346, 16: 12102},  # at those batches, GA 2
     },
     "disk": {
         "host_bytes_per_parameter": 8.92,  # 50.3 GiB: FP16 weights and gradients; the rest in files
         "disk_bytes_per_parameter": 16,  # 96.8 GB of files: fp32 master weights, Adam m and v, fp32 gradients
         "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # as in RAM (the GPU side is the same)
         "gpu_mib_per_sample": 737,
-        "tokens_per_s": 862,  # B=8, GA 8, 24 GiB (in RAM at that batch: 2,874)
+        "tokens_per_s": {24: 862},  # B=8, GA 8 (in RAM at that batch: 2,874)
     },
     "host_gib_per_more_gpu": 2.5,  # RAM in use went from 138.2 to 140.7 GiB at 2 GPUs (pinned 156.8 to 158.9)
     "checkpoint_bytes_per_parameter": 16,  # ZeRO's FP16 weights 2 + fp32 master, Adam m and v 12 + 16-bit model 2
 }
 
-# What each set-up is, in the order SETUP = "auto" prefers them: full fine-tuning, fastest first, where the
-# machine holds it; else LoRA, which is far faster than the optimizer state on disk and wears no SSD.
-# "disk" runs only when asked for.
+# What each set-up is. SETUP = "auto" takes full fine-tuning, fastest first, where the machine holds it; else
+# the LoRA set-up measured fastest on a card of its size, which is far faster than the optimizer state on
+# disk and wears no SSD. "disk" runs only when asked for.
 SETUPS = {
     "gpu": {"description": "full fine-tuning, nothing offloaded", "lora": False, "optimizer_state": "gpu",
             "pinned": False, "auto": "with a GPU"},
@@ -119,6 +122,13 @@ def host_ram_needed(name, parameters, processes=1):
             + MEASURED["host_gib_per_more_gpu"] * (processes - 1))
 
 
+def gpu_mib_needed(name, samples, block_size, gpus=1, parameters=MEASURED["parameters"]):
+    """GPU memory a set-up measured as a fixed part + a part per sample needs for `samples` a device."""
+    measured = MEASURED[name]
+    states_mib = measured.get("gpu_bytes_per_parameter", 0) * parameters / gpus / 2**20
+    return measured["gpu_mib_fixed"] + states_mib + samples * measured["gpu_mib_per_sample"] * block_size / 2048
+
+
 def largest_batch(name, gpu_gib, block_size, gpus=1, parameters=MEASURED["parameters"]):
     """The largest per-device batch of a set-up on a card of gpu_gib (None below the smallest card measured).
     From a fixed part and a part per sample; or from a table of cards: between two, the line between them,
@@ -126,8 +136,7 @@ def largest_batch(name, gpu_gib, block_size, gpus=1, parameters=MEASURED["parame
     measured = MEASURED[name]
     per_sample = measured["gpu_mib_per_sample"] * block_size / 2048
     if "gpu_mib_fixed" in measured:  # ZeRO-3 splits the states between the GPUs
-        states_mib = measured.get("gpu_bytes_per_parameter", 0) * parameters / gpus / 2**20
-        return max(0, int((gpu_gib * 1024 - measured["gpu_mib_fixed"] - states_mib) // per_sample))
+        return max(0, int((gpu_gib * 1024 - gpu_mib_needed(name, 0, block_size, gpus, parameters)) // per_sample))
     cards = sorted(measured["largest_batch"].items())
     if gpu_gib < cards[0][0]:
         return None
@@ -144,10 +153,16 @@ def assess(name, parameters, block_size, batch, machine):
     host_needed = host_ram_needed(name, parameters, machine["processes_on_host"])
     gpu_gib, measured_model = machine["gpu_memory_gib"], abs(parameters / MEASURED["parameters"] - 1) < 0.05
     fits = largest_batch(name, gpu_gib, block_size, machine["gpus"]) if gpu_gib and measured_model else None
-    result = {"name": name, **SETUPS[name], "host_gib": host_needed, "largest_batch": fits, "why_not": None}
+    result = {"name": name, **SETUPS[name], "host_gib": host_needed, "largest_batch": fits, "why_not": None,
+              "speed": measured_speed(name, gpu_gib)}
     if host_needed > machine["host_ram_gib"]:
         result["why_not"] = (f"needs ~{host_needed:.0f} GiB of host RAM at its peak, more than the "
                              f"{machine['host_ram_gib']:.0f} GiB this machine has (free RAM + swap)")
+    elif fits == 0 and "gpu_mib_fixed" in MEASURED[name]:  # where such a card starts
+        one_sample = gpu_mib_needed(name, 1, block_size, machine["gpus"]) / 1024
+        each = "on each of its GPUs" if machine["gpus"] > 1 else "on one GPU"
+        result["why_not"] = (f"needs ~{one_sample:.0f} GiB of GPU memory for one sample {each}, more than "
+                             f"this {gpu_gib:.1f} GiB card")
     elif fits is not None and batch > fits:
         result["why_not"] = (f"per_device_train_batch_size={batch} does not fit a {gpu_gib:.1f} GiB GPU "
                              f"(up to {fits}, measured on GPT-J-6B at {block_size} tokens a sample)")
@@ -164,11 +179,15 @@ def choose_setup(choice, parameters, block_size, training, machine):
                          f"{', '.join(repr(name) for name in SETUPS)}.")
     options = [assess(name, parameters, block_size, batch, machine) for name in SETUPS]
     if choice == "auto":
-        fitting = [option for option in options if not option["why_not"] and option["auto"] is True
-                   or option["auto"] == "with a GPU" and machine["gpu_memory_gib"] and not option["why_not"]]
+        fitting = [option for option in options if not option["why_not"] and (
+            option["auto"] is True or option["auto"] == "with a GPU" and machine["gpu_memory_gib"])]
         if not fitting:
             raise SystemExit(f"finetune.py: no set-up fits this machine.\n{table(options, machine)}")
-        setup, why = fitting[0], 'SETUP = "auto": the first of these that fits this machine'
+        # Full fine-tuning in the order of SETUPS (fastest first); else the LoRA set-up measured fastest
+        # on a card of this size.
+        full = [option for option in fitting if not option["lora"]]
+        setup = full[0] if full else max(fitting, key=lambda option: option["speed"][1])
+        why = 'SETUP = "auto": full fine-tuning, fastest first, where it fits, else the fastest LoRA'
     else:
         setup, why = next(option for option in options if option["name"] == choice), f'SETUP = "{choice}"'
     if setup["why_not"]:
@@ -202,7 +221,14 @@ def table(options, machine):
 
 
 def speed(option):
-    return f", {MEASURED[option['name']]['tokens_per_s']:,} tokens/s measured (24 GiB card)"
+    card, tokens_per_s = option["speed"]
+    return f", {tokens_per_s:,} tokens/s measured on a {card:g} GiB card"
+
+
+def measured_speed(name, gpu_gib):
+    """(card GiB, tokens/s) measured on the largest card not above this one (else the smallest)."""
+    cards = sorted(MEASURED[name]["tokens_per_s"].items())
+    return ([card for card in cards if card[0] <= (gpu_gib or 0)] or cards[:1])[-1]
 
 
 def check_disk(parameters, setup, files, checkpoints, on_gpu):

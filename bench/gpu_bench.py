@@ -58,7 +58,7 @@ TINY = dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=2048, voca
 POINTS = {
     "ram-24": dict(setup="ram", budget=24, batch=26, accumulation=8, steps=2),
     "ram-24-save": dict(setup="ram", budget=24, batch=26, accumulation=8, steps=2, host_limit_gib=120, save=True),
-    "ram-pinned-24": dict(setup="ram-pinned", budget=24, batch=26, accumulation=8, steps=2),
+    "ram-pinned-24": dict(setup="ram-pinned", budget=24, batch=26, accumulation=8, steps=2, host_limit_gib=124),
     "orig-24": dict(setup="original", budget=24, batch=7, accumulation=18, steps=2, ds=ORIGINAL_DS),
     "ram-16": dict(setup="ram", budget=16, batch=14, accumulation=2, steps=1),
     "ram-12": dict(setup="ram", budget=12, batch=10, accumulation=2, steps=1),
@@ -69,6 +69,7 @@ POINTS = {
     # LoRA r=16 on q, v (finetune.py's LORA), through ZeRO-3: the model on the GPU, or streamed from RAM.
     "lora-24": dict(setup="lora", budget=24, batch=12, accumulation=2, steps=2),
     "lora-16": dict(setup="lora", budget=16, batch=2, accumulation=2, steps=2),
+    "lora-ram-16": dict(setup="lora-ram", budget=16, batch=15, accumulation=2, steps=2, host_limit_gib=32),
     "lora-ram-8": dict(setup="lora-ram", budget=8, batch=4, accumulation=2, steps=2, host_limit_gib=32),
     "lora-ram-12": dict(setup="lora-ram", budget=12, batch=10, accumulation=2, steps=2, host_limit_gib=32),
     # The optimizer state on disk, in a 64 GiB memory limit. The 64 GiB disk of the one-GPU machine cannot
@@ -170,7 +171,9 @@ def memory_cgroup(limit_bytes):
                 pass
         (root / "cgroup.subtree_control").write_text("+memory")
         group = root / "bench-limited"
-        group.mkdir(exist_ok=True)
+        if group.exists():
+            group.rmdir()  # empty since its last point ended: fresh peak and kill counters
+        group.mkdir()
         (group / "memory.max").write_text(str(limit_bytes))
         if (group / "memory.swap.max").exists():
             (group / "memory.swap.max").write_text("0")
