@@ -45,8 +45,8 @@ def resume_point(checkpoint_dir, identity, settings, first_process):
                 print("With the optimizer state on disk, DeepSpeed 0.19.8 restores the weights exactly but starts "
                       "Adam's step count over: the run goes on close to, not exactly as, an uninterrupted one.")
         return complete[-1]
-    if first_process:  # starting over: old checkpoints must not be mixed with the new run's
-        for path in complete:
+    if first_process:  # starting over: old checkpoints and curves must not be mixed with the new run's
+        for path in complete + [str(folder / "runs")]:  # runs/: the Trainer's TensorBoard files
             shutil.rmtree(path, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(identity, indent=1) + "\n")

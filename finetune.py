@@ -1,7 +1,6 @@
 """Fine-tune GPT-J-6B on the dataset token_split.py wrote, with the HF Trainer and DeepSpeed ZeRO-3.
 
-    deepspeed finetune.py                    # every GPU of this machine
-    deepspeed --num_gpus 1 finetune.py       # one GPU
+    deepspeed finetune.py                    # every GPU of this machine (--num_gpus 1: one)
 
 Every option is in the dicts below, DeepSpeed's in ds_config.py; `# ZeRO-3:`, `# FP16:`, `# LoRA:`
 mark the lines specific to them. Helpers, one job each: plan, artifacts, checkpoints, failures, ...
@@ -19,6 +18,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Train
 
 import artifacts
 import checkpoints
+import curves
 import ds_config
 import failures
 import memory_savers
@@ -117,7 +117,7 @@ def training_arguments(deepspeed_config):
         save_strategy="steps" if CHECKPOINTS["every_steps"] else "no",  # out/ is written by save()
         save_steps=CHECKPOINTS["every_steps"] or 1,
         save_total_limit=CHECKPOINTS["keep"],
-        report_to="none",  # no account-based trackers; the log goes to out/finetune_log.json
+        report_to="tensorboard",  # + out/finetune_log.json and loss.png; no account-based trackers
         **TRAINING,
     )
 
@@ -180,6 +180,7 @@ def save(trainer, facts, setup):
             merge_adapters(trainer, partial)
         history = trainer.state.log_history
         log = artifacts.write_training_log(partial, history, facts, zero_stage=zero_stage)
+        curves.save(partial, history, FILES["checkpoint_dir"])  # TensorBoard's files and loss.png
     artifacts.swap_in(partial, FILES["out_dir"])
     print(f"\nSaved the fine-tuned model and tokenizer to {FILES['out_dir']}/. {log}")
     checkpoints.remove_finished(FILES["checkpoint_dir"], FILES["offload_dir"])
@@ -188,8 +189,7 @@ def save(trainer, facts, setup):
 def merge_adapters(trainer, partial):
     """LoRA: the adapters merged into the base model, read again outside ZeRO-3: a plain model."""
     memory_savers.drop_model(trainer)  # DeepSpeed's copy of the model goes first
-    base = AutoModelForCausalLM.from_pretrained(MODEL["name"], revision=MODEL["revision"],
-                                                dtype="auto")
+    base = AutoModelForCausalLM.from_pretrained(MODEL["name"], revision=MODEL["revision"])
     merged = PeftModel.from_pretrained(base, partial / "lora_adapter").merge_and_unload()
     merged.save_pretrained(partial)
     trainer.processing_class.save_pretrained(partial)

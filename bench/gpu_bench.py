@@ -249,6 +249,7 @@ def run_point(name):
     finetune.TRAINING.update(per_device_train_batch_size=batch, gradient_accumulation_steps=point["accumulation"],
                              max_steps=point["steps"], logging_steps=1)
     arguments = finetune.training_arguments(config)
+    arguments.report_to = []  # no TensorBoard files for a benchmark
     model = build_gptj(arguments, point.get("config", {}), setup["lora"], one_kernel_gelu=not original)
     samples = random_samples(batch * point["accumulation"] * point["steps"] * gpus, model.config.vocab_size)
     disk_folder = NVME_PATH if setup["name"] == "disk" else None

@@ -78,6 +78,17 @@ def test_validation_loss_goes_down_and_out_reloads_without_deepspeed(trained, ti
     assert json.loads((tmp_path / "out" / "config.json").read_text())["activation_function"] == "gelu_pytorch_tanh"
     assert "Disk: 0.0 GB for the model, up to 0.0 GB of checkpoints (2 x 0.0 GB, every 20 steps)." in output
     assert not (tmp_path / "out.partial").exists()
+    # The curves: TensorBoard's files (the same training losses as the log) and a PNG of them.
+    assert (tmp_path / "out" / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [run] = (tmp_path / "out" / "tensorboard").iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    logged = [entry for entry in log["log_history"] if "loss" in entry]
+    scalars = events.Scalars("train/loss")
+    assert [event.step for event in scalars] == [entry["step"] for entry in logged]
+    assert [event.value for event in scalars] == pytest.approx([entry["loss"] for entry in logged])
 
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers, no DeepSpeed
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
