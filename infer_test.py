@@ -1,8 +1,10 @@
 """Generate from the fine-tuned model in out/, to see what fine-tuning did.
 
-    python infer_test.py
+    python infer_test.py                 # the model in SETTINGS["model_dir"] (out/)
+    python infer_test.py demo/work/out   # or the one in this folder
 """
 
+import sys
 from pathlib import Path
 
 SETTINGS = {
@@ -18,8 +20,13 @@ SETTINGS = {
 }
 
 
-def main():
-    settings = SETTINGS
+USAGE = ("usage: python infer_test.py [MODEL_FOLDER] (a folder finetune.py wrote; default: "
+         "SETTINGS['model_dir']; the other settings are in SETTINGS at the top of infer_test.py)")
+
+
+def main(arguments=()):
+    """arguments: the command line after the script's name (none, or one model folder)."""
+    settings = {**SETTINGS, "model_dir": model_dir_from(arguments, SETTINGS["model_dir"])}
     check_model_dir(settings["model_dir"])
     models = {"fine-tuned": settings["model_dir"]}
     if settings["base_model"]:
@@ -32,6 +39,18 @@ def main():
                 print(f"\n--- prompt: {prompt!r}\n{prompt}{completion}")
 
 
+def model_dir_from(arguments, default):
+    """The one optional argument, a model folder in place of SETTINGS["model_dir"]; anything else is
+    refused, so a mistyped option never runs silently on another model."""
+    if list(arguments) in (["-h"], ["--help"]):
+        print(USAGE)
+        raise SystemExit(0)
+    if len(arguments) > 1 or (arguments and arguments[0].startswith("-")):
+        given = " ".join(arguments)
+        raise SystemExit(f"infer_test.py takes one model folder or nothing, not '{given}'; {USAGE}")
+    return arguments[0] if arguments else default
+
+
 def check_model_dir(model_dir):
     """out/ must hold a whole model: finetune.py writes it only once the save is complete."""
     folder = Path(model_dir)
@@ -42,7 +61,7 @@ def check_model_dir(model_dir):
     if missing:
         state = "does not exist" if not folder.exists() else f"is incomplete (no {', '.join(missing)})"
         raise SystemExit(f"infer_test.py: the model folder '{folder}' {state}. Run `deepspeed finetune.py` "
-                         f"to write it, or point SETTINGS['model_dir'] at a saved model.")
+                         f"to write it, or name a saved model's folder: `python infer_test.py FOLDER`.")
     if Path(str(folder) + ".partial").exists():
         print(f"note: '{folder}.partial' is left from a run that stopped while saving; '{folder}' is the older model.")
 
@@ -78,4 +97,4 @@ def generate(model, tokenizer, prompt, settings):
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
