@@ -54,7 +54,9 @@ def main():
     run_finetune_with_launcher()
     print("\n== 4/4 python infer_test.py")
     infer_test.main()
-    print(f"\nDemo finished in {time.time() - started:.0f} s. The fine-tuned model is in {finetune.FILES['out_dir']}/.")
+    out_dir = finetune.FILES["out_dir"]
+    print(f"\nDemo finished in {time.time() - started:.0f} s. The fine-tuned model is in {out_dir}/.")
+    print(f"Sample from it again (infer_test.py's own prompts and settings): python infer_test.py {out_dir}")
 
 
 def run_finetune_with_launcher():
