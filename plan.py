@@ -158,14 +158,20 @@ def assess(name, parameters, block_size, batch, machine):
     if host_needed > machine["host_ram_gib"]:
         result["why_not"] = (f"needs ~{host_needed:.0f} GiB of host RAM at its peak, more than the "
                              f"{machine['host_ram_gib']:.0f} GiB this machine has (free RAM + swap)")
+        result["then"] = "the kernel's OOM killer would stop it minutes in"
+        result["last"] = "use a machine with more RAM, or add swap (slow, but it runs)"
     elif fits == 0 and "gpu_mib_fixed" in MEASURED[name]:  # where such a card starts
         one_sample = gpu_mib_needed(name, 1, block_size, machine["gpus"]) / 1024
         each = "on each of its GPUs" if machine["gpus"] > 1 else "on one GPU"
         result["why_not"] = (f"needs ~{one_sample:.0f} GiB of GPU memory for one sample {each}, more than "
                              f"this {gpu_gib:.1f} GiB card")
+        result["then"], result["last"] = "CUDA would run out of memory", "use a GPU with more memory"
     elif fits is not None and batch > fits:
-        result["why_not"] = (f"per_device_train_batch_size={batch} does not fit a {gpu_gib:.1f} GiB GPU "
+        result["why_not"] = (f"does not fit per_device_train_batch_size={batch} on a {gpu_gib:.1f} GiB GPU "
                              f"(up to {fits}, measured on GPT-J-6B at {block_size} tokens a sample)")
+        result["then"] = (f"CUDA would run out of memory: set it to {fits} or less and raise "
+                          f"gradient_accumulation_steps to keep the full batch")
+        result["last"] = "use a GPU with more memory"
     return result
 
 
@@ -193,9 +199,8 @@ def choose_setup(choice, parameters, block_size, training, machine):
     if setup["why_not"]:
         others = [f"set SETUP = '{option['name']}' ({option['description']}: ~{option['host_gib']:.0f} GiB of RAM"
                   f"{speed(option)})" for option in options if not option["why_not"] and option is not setup]
-        raise SystemExit(f"finetune.py: this run ({setup['description']}) {setup['why_not']}; the kernel's OOM "
-                         f"killer or CUDA would stop it minutes in. Either " + "; or ".join(
-                             others + ["use a machine with more RAM, or add swap (slow, but it runs)"]) + ".")
+        raise SystemExit(f"finetune.py: this run ({setup['description']}) {setup['why_not']}; {setup['then']}. "
+                         f"Or else " + "; or ".join(others + [setup["last"]]) + ".")
     lines = [f"Set-up: {setup['name']} ({setup['description']}), from {why}.", table(options, machine),
              f"Host RAM: ~{setup['host_gib']:.1f} GiB at peak ({setup['description']}), "
              f"{machine['host_ram_gib']:.1f} GiB available (free RAM + swap)."]
@@ -214,8 +219,10 @@ def table(options, machine):
     for option in options:
         batch = f", up to {option['largest_batch']} a GPU" if option["largest_batch"] is not None else ""
         state = option["why_not"] or f"~{option['host_gib']:.1f} GiB of RAM{batch}{speed(option)}"
-        if option["auto"] is not True:
-            state += " (auto: never)" if option["auto"] is False else " (auto: with a GPU only)"
+        if option["auto"] is False:
+            state += " (only when asked for)"
+        elif option["auto"] is not True and not machine["gpu_memory_gib"]:
+            state += " (auto: with a GPU only)"
         rows.append(f"  {option['name']:<11} {option['description']}: {state}")
     return "\n".join(rows)
 

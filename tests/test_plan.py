@@ -97,8 +97,9 @@ def test_lora_on_a_card_too_small_for_the_model_is_told_what_fits():
 
 
 def test_too_large_batch_is_stopped_with_the_batch_that_fits():
-    with pytest.raises(SystemExit, match=r"per_device_train_batch_size=27 does not fit a 24.0 GiB GPU \(up to 26, "
-                                         r"measured on GPT-J-6B at 2048 tokens a sample\)"):
+    with pytest.raises(SystemExit, match=r"does not fit per_device_train_batch_size=27 on a 24.0 GiB GPU \(up to "
+                                         r"26, measured on GPT-J-6B at 2048 tokens a sample\); CUDA would run out "
+                                         r"of memory: set it to 26 or less and raise gradient_accumulation_steps"):
         choose("ram", host_gib=256, gpu_gib=24, batch=27)
 
 
@@ -148,7 +149,7 @@ def test_below_the_pinned_peak_it_is_not_pinned_and_says_what_pinning_needs():
 def test_pinning_forced_on_a_host_too_small_for_it_is_stopped_with_the_fix(gptj_6b_run, configure):
     set_up(configure, "ram-pinned", host_ram_gib=130, gpu_memory_gib=24)
     with pytest.raises(SystemExit, match=r"this run \(full fine-tuning, optimizer state in pinned RAM\) needs ~137 "
-                                         r"GiB of host RAM.* Either set SETUP = 'ram' \(full fine-tuning, optimizer "
+                                         r"GiB of host RAM.* Or else set SETUP = 'ram' \(full fine-tuning, optimizer "
                                          r"state in RAM: ~119 GiB of RAM"):
         finetune.main()
 
