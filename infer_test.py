@@ -9,7 +9,7 @@ from pathlib import Path
 
 SETTINGS = {
     "model_dir": "out",  # written by `deepspeed finetune.py`
-    "base_model": None,  # e.g. "EleutherAI/gpt-j-6B": also generate from it, side by side (another 12 GB)
+    "base_model": None,  # e.g. "EleutherAI/gpt-j-6B": also generate from it (another 12 GB)
     "prompts": ["The", "Once upon a time", "In the beginning"],
     "max_new_tokens": 60,  # tokens generated after each prompt
     "do_sample": True,  # False = greedy: always the most likely token (repeats itself more)
@@ -59,11 +59,14 @@ def check_model_dir(model_dir):
     if not any(folder.glob("model*.safetensors")):
         missing.append("model.safetensors")
     if missing:
-        state = "does not exist" if not folder.exists() else f"is incomplete (no {', '.join(missing)})"
-        raise SystemExit(f"infer_test.py: the model folder '{folder}' {state}. Run `deepspeed finetune.py` "
-                         f"to write it, or name a saved model's folder: `python infer_test.py FOLDER`.")
+        state = ("does not exist" if not folder.exists() else
+                 f"is incomplete (no {', '.join(missing)})")
+        raise SystemExit(f"infer_test.py: the model folder '{folder}' {state}. Run `deepspeed "
+                         f"finetune.py` to write it, or name a saved model's folder: `python "
+                         f"infer_test.py FOLDER`.")
     if Path(str(folder) + ".partial").exists():
-        print(f"note: '{folder}.partial' is left from a run that stopped while saving; '{folder}' is the older model.")
+        print(f"note: '{folder}.partial' is left from a run that stopped while saving; '{folder}' "
+              f"is the older model.")
 
 
 def load(name):
@@ -73,7 +76,8 @@ def load(name):
 
     on_gpu = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float16 if on_gpu else torch.float32)
+    dtype = torch.float16 if on_gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     return tokenizer, model.to("cuda" if on_gpu else "cpu").eval()
 
 
@@ -82,7 +86,8 @@ def generate(model, tokenizer, prompt, settings):
 
     torch.manual_seed(settings["seed"])
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    sampling = {"temperature": settings["temperature"], "top_p": settings["top_p"]} if settings["do_sample"] else {}
+    sampling = ({"temperature": settings["temperature"], "top_p": settings["top_p"]}
+                if settings["do_sample"] else {})
     with torch.no_grad():
         outputs = model.generate(
             **inputs,
@@ -93,7 +98,8 @@ def generate(model, tokenizer, prompt, settings):
             **sampling,
         )
     prompt_length = inputs["input_ids"].shape[1]
-    return [tokenizer.decode(output[prompt_length:], skip_special_tokens=True) for output in outputs]
+    return [tokenizer.decode(output[prompt_length:], skip_special_tokens=True)
+            for output in outputs]
 
 
 if __name__ == "__main__":
