@@ -32,7 +32,8 @@ def use_demo_settings():
                                 tokenizer=f"{work}/tiny-gptj", block_size=DEMO["block_size"],
                                 validation_share=0.1)
     finetune.MODEL.update(name=f"{work}/tiny-gptj", revision=None)
-    finetune.FILES.update(dataset_dir=f"{work}/dataset", out_dir=f"{work}/out", checkpoint_dir=f"{work}/checkpoints")
+    finetune.FILES.update(dataset_dir=f"{work}/dataset", out_dir=f"{work}/out",
+                          checkpoint_dir=f"{work}/checkpoints")
     finetune.TRAINING.update(
         per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
         num_train_epochs=12,  # 3,700 tokens: many passes, a second each (more overfits: validation loss rises)
@@ -55,8 +56,9 @@ def main():
     print("\n== 4/4 python infer_test.py")
     infer_test.main()
     out_dir = finetune.FILES["out_dir"]
-    print(f"\nDemo finished in {time.time() - started:.0f} s. The fine-tuned model is in {out_dir}/.")
-    print(f"Sample from it again (infer_test.py's own prompts and settings): python infer_test.py {out_dir}")
+    print(f"\nDemo finished in {time.time() - started:.0f} s. The fine-tuned model is in "
+          f"{out_dir}/.")
+    print(f"Sample from it again, with infer_test.py's own prompts: python infer_test.py {out_dir}")
 
 
 def run_finetune_with_launcher():
