@@ -1,35 +1,95 @@
 """Known ways a run dies, hangs or leaks, each turned into one sentence that says what to change.
 
-Before: the launcher's SIGTERM is handled like Ctrl-C, and DeepSpeed build locks left by a killed compile
-(which would hang the run silently) are removed. During: Ctrl-C, CUDA out of memory, a full disk and FP16's
-loss-scale collapse stop with the fix and the newest checkpoint. After: every process leaves together.
+Before: the launcher's SIGTERM is handled like Ctrl-C, DeepSpeed build locks left by a killed
+compile (which would hang the run silently) are removed, and the libraries' lines that read like
+faults but are not are silenced. During: Ctrl-C, CUDA out of memory, a full disk and FP16's
+loss-scale collapse stop with the fix and the newest checkpoint. After: all processes leave together.
 """
 
 import contextlib
 import errno
+import importlib
+import io
+import logging
 import os
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import checkpoints
 
 
 def prepare():
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the launcher's "stop" is handled like Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the launcher's "stop": like Ctrl-C
     clear_stale_build_locks()
+    silence_false_alarms()
+
+
+def silence_false_alarms():
+    """Lines every run printed that read like faults but are not, each silenced at its source."""
+    # Accelerate warns "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1,
+    # DeepSpeed config has N. Using DeepSpeed's value.": with DeepSpeed the Trainer leaves
+    # accumulation to DeepSpeed, whose N is TRAINING["gradient_accumulation_steps"] (via "auto").
+    logging.getLogger("accelerate.accelerator").addFilter(not_an_accumulation_mismatch)
+    # PyTorch's deprecation notices for calls inside DeepSpeed's ZeRO-3: DeepSpeed's to change.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|"
+                            r"reduce_scatter_tensor)` is deprecated", FutureWarning)
+    announce_comm_op_build()
+
+
+def not_an_accumulation_mismatch(record):
+    return "Gradient accumulation steps mismatch" not in record.getMessage()
+
+
+def announce_comm_op_build():
+    """On CPUs DeepSpeed loads a shared-memory communication op and prints "DeepSpeed
+    deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every run, though it compiles
+    it only once (about a minute on 2 cores, in silence). Here the once is announced before it
+    starts, and every other load is quiet."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed_comm = importlib.import_module("deepspeed.comm.torch")  # the attribute is torch
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    load = deepspeed_comm.build_shm_op
+    if builder is None or getattr(load, "announced", False):  # not on this accelerator, or done
+        return
+
+    def announced_load():
+        if (deepspeed.ops.__compatible_ops__.get(builder.NAME, False) and not compiled(builder.NAME)
+                and os.environ.get("LOCAL_RANK", "0") == "0"):
+            print(f"Compiling DeepSpeed's CPU communication op {builder.NAME} (once, about a "
+                  f"minute on 2 cores; cached in {extensions_root()}) ...", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # its "built successfully"
+            return load()
+
+    announced_load.announced = True
+    deepspeed_comm.build_shm_op = announced_load
+
+
+def extensions_root():
+    """Where PyTorch caches the ops DeepSpeed compiles (make-venv.sh sets TORCH_EXTENSIONS_DIR)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def compiled(op_name):
+    """Whether an op's library is in the cache (the default cache has a folder per accelerator)."""
+    root = extensions_root()
+    return any(root.glob(f"{op_name}/{op_name}.so")) or any(root.glob(f"*/{op_name}/{op_name}.so"))
 
 
 def clear_stale_build_locks(max_age_s=600):
-    """DeepSpeed compiles its ops on first use; a build killed half-way leaves a 'lock' file and every
-    later run then waits on it forever, silently. A build takes about a minute: older locks are stale."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    for lock in list(root.glob("*/lock")) + list(root.glob("*/*/lock")):
+    """DeepSpeed compiles its ops on first use; a build killed half-way leaves a 'lock' file and
+    every later run then waits on it forever, silently. A build takes about a minute: older locks
+    are stale."""
+    for lock in list(extensions_root().glob("*/lock")) + list(extensions_root().glob("*/*/lock")):
         if time.time() - lock.stat().st_mtime > max_age_s:
-            print(f"Removing {lock}: left by a DeepSpeed op build that was interrupted (it would hang this run).")
+            print(f"Removing {lock}: left by a DeepSpeed op build that was interrupted (it would "
+                  f"hang this run).")
             lock.unlink(missing_ok=True)
 
 
@@ -45,8 +105,9 @@ def explained(trainer, checkpoint_dir, training, largest_batch):
         stop("stopped by Ctrl-C (or the launcher)", trainer, checkpoint_dir)
     except torch.OutOfMemoryError:
         fits = f" (measured on GPT-J-6B: {largest_batch} fits this card)" if largest_batch else ""
-        stop(f"CUDA ran out of GPU memory at per_device_train_batch_size={batch}. Lower it{fits} and raise "
-             f"gradient_accumulation_steps to keep the full batch", trainer, checkpoint_dir)
+        stop(f"CUDA ran out of GPU memory at per_device_train_batch_size={batch}. Lower it{fits} "
+             f"and raise gradient_accumulation_steps to keep the full batch", trainer,
+             checkpoint_dir)
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
@@ -55,26 +116,28 @@ def explained(trainer, checkpoint_dir, training, largest_batch):
     except Exception as error:
         if "loss scale already at minimum" not in str(error):
             raise
-        stop("FP16 overflowed on every step until DeepSpeed's loss scale hit its minimum (the loss became inf/nan). "
-             "Lower TRAINING['learning_rate'], or set TRAINING['bf16'] = True on a card with bf16",
-             trainer, checkpoint_dir)
+        stop("FP16 overflowed on every step until DeepSpeed's loss scale hit its minimum (the loss "
+             "became inf/nan). Lower TRAINING['learning_rate'], or set TRAINING['bf16'] = True on "
+             "a card with bf16", trainer, checkpoint_dir)
 
 
 def stop(reason, trainer, checkpoint_dir):
     """End a failed run with what happened, where the newest checkpoint is, and how to go on."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C, or the launcher's SIGTERM, must not cut this short
+    # a second Ctrl-C, or the launcher's SIGTERM, must not cut this short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     newest = checkpoints.complete_checkpoints(checkpoint_dir)
-    where = (f"The newest complete checkpoint is {newest[-1]}: run `deepspeed finetune.py` again to continue from it "
-             f"(delete {checkpoint_dir}/ to start over)." if newest else
+    where = (f"The newest complete checkpoint is {newest[-1]}: run `deepspeed finetune.py` again "
+             f"to continue from it (delete {checkpoint_dir}/ to start over)." if newest else
              "There is no checkpoint yet: the next run starts from the beginning.")
-    message = f"\nfinetune.py: {reason}. Stopped at optimizer step {trainer.state.global_step}. {where}"
-    raise SystemExit(message if trainer.is_local_process_zero() else 1)  # said once, by the first process
+    message = (f"\nfinetune.py: {reason}. Stopped at optimizer step {trainer.state.global_step}. "
+               f"{where}")
+    raise SystemExit(message if trainer.is_local_process_zero() else 1)  # said once, by the first
 
 
 @contextlib.contextmanager
 def disk_full_while_saving(trainer, partial, files):
-    """A disk that fills up while out.partial/ is written: free what was written, keep the previous out/."""
+    """A disk that fills up while out.partial/ is written: what was written goes, old out/ stays."""
     out_dir, checkpoint_dir = files["out_dir"], files["checkpoint_dir"]
     try:
         yield
@@ -82,20 +145,22 @@ def disk_full_while_saving(trainer, partial, files):
         if error.errno != errno.ENOSPC:
             raise
         shutil.rmtree(partial, ignore_errors=True)
-        stop(f"the disk filled up while writing the model to {partial}/ (the previous {out_dir}/, if any, is "
-             f"untouched). Free some space and run it again", trainer, checkpoint_dir)
+        stop(f"the disk filled up while writing the model to {partial}/ (the previous {out_dir}/, "
+             f"if any, is untouched). Free some space and run it again", trainer, checkpoint_dir)
 
 
 def leave_together():
-    """Every process waits until the first has written out/, then the process group is closed: one that
-    exits while another still talks to it can abort ("terminate called without an active exception")."""
+    """Every process waits until the first has written out/, then the process group is closed: one
+    that exits while another still talks to it can abort ("terminate called without an active
+    exception")."""
     import torch.distributed as distributed
 
     if distributed.is_initialized():
         distributed.barrier()
         distributed.destroy_process_group()
-    # On CPUs DeepSpeed's shared-memory allreduce leaves a 66 MB buffer in /dev/shm (RAM) per process and never
-    # removes it; each run on another port would add one more.
-    buffer = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-                                 f"{os.environ.get('MASTER_PORT')}_{os.environ.get('RANK')}")
+    # On CPUs DeepSpeed's shared-memory allreduce leaves a 66 MB buffer in /dev/shm (RAM) per
+    # process and never removes it; each run on another port would add one more.
+    buffer = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_"
+                                 f"{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_"
+                                 f"{os.environ.get('RANK')}")
     buffer.unlink(missing_ok=True)
