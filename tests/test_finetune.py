@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from datasets import load_from_disk
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import artifacts
 import finetune
@@ -160,7 +160,8 @@ def test_zero3_computes_what_plain_training_computes(tmp_path, tiny_model, confi
     configure_finetune(configure, settings_for(tmp_path / "plain", tiny_model, dataset_dir, **steps))
     facts = artifacts.read_dataset_facts(dataset_dir)
     config = AutoConfig.from_pretrained(tiny_model)
-    tokenizer = finetune.load_tokenizer(facts, config)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    artifacts.check_dataset(facts, tokenizer, tiny_model, config.max_position_embeddings)
     arguments = finetune.training_arguments(deepspeed_config=None)
     model = finetune.load_model(config, {"name": "ram", **plan.SETUPS["ram"]}, arguments)
     trainer = finetune.train(model, tokenizer, load_from_disk(dataset_dir), arguments)
