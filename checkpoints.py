@@ -1,8 +1,9 @@
-"""Resume: which checkpoint a run continues from, which it must refuse, and the clean-up once out/ is complete.
+"""Resume: which checkpoint a run continues from, which it must refuse, and the clean-up once out/
+is complete.
 
-The Trainer writes checkpoint-<step>/ folders; trainer_state.json is the last file it writes into one (after
-every process's DeepSpeed shards), so a folder without it was cut short and is never used. run.json beside
-them records what must not change between a run and its resumption.
+The Trainer writes checkpoint-<step>/ folders; trainer_state.json is the last file it writes into
+one (after every process's DeepSpeed shards), so a folder without it was cut short and is never
+used. run.json beside them records what must not change between a run and its resumption.
 """
 
 import json
@@ -11,41 +12,46 @@ from pathlib import Path
 
 
 def run_identity(facts, model_name, training, setup, lora, processes):
-    """What must not change between a run and its resumption: the data, the model, the settings, and where
-    the optimizer state lives (DeepSpeed's checkpoints differ between RAM, disk and GPU)."""
-    return {"dataset": {key: facts[key] for key in ("created", "tokens", "block_size")}, "model": model_name,
-            "training": training, "lora": lora if setup["lora"] else None, "processes": processes,
-            "optimizer_state": setup["optimizer_state"]}
+    """What must not change between a run and its resumption: the data, the model, the settings, and
+    where the optimizer state lives (DeepSpeed's checkpoints differ between RAM, disk and GPU)."""
+    return {"dataset": {key: facts[key] for key in ("created", "tokens", "block_size")},
+            "model": model_name, "training": training, "lora": lora if setup["lora"] else None,
+            "processes": processes, "optimizer_state": setup["optimizer_state"]}
 
 
 def complete_checkpoints(checkpoint_dir):
     """checkpoint-<step> folders in step order that were written to the end."""
-    folders = sorted(Path(checkpoint_dir).glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    folders = sorted(Path(checkpoint_dir).glob("checkpoint-*"),
+                     key=lambda path: int(path.name.split("-")[1]))
     return [str(path) for path in folders if (path / "trainer_state.json").is_file()]
 
 
 def resume_point(checkpoint_dir, identity, settings, first_process):
-    """The newest complete checkpoint of this same run, or None to start from the beginning. Checkpoints of
-    another run are refused; incomplete ones and, when starting over, old ones are removed."""
+    """The newest complete checkpoint of this same run, or None to start from the beginning.
+    Checkpoints of another run are refused; incomplete ones and, when starting over, old ones are
+    removed."""
     folder = Path(checkpoint_dir)
     complete = complete_checkpoints(checkpoint_dir)
     for path in folder.glob("checkpoint-*"):
-        if str(path) not in complete and first_process:  # being written when the run was killed: never used
+        if str(path) not in complete and first_process:  # written as the run was killed: never used
             print(f"Removing {path}: an incomplete checkpoint (the run stopped while writing it).")
             shutil.rmtree(path, ignore_errors=True)
     run_file = folder / "run.json"
     if complete and settings["resume"]:
-        if not run_file.is_file() or json.loads(run_file.read_text()) != json.loads(json.dumps(identity)):
+        if (not run_file.is_file()
+                or json.loads(run_file.read_text()) != json.loads(json.dumps(identity))):
             raise SystemExit(
-                f"finetune.py: {checkpoint_dir}/ holds checkpoints of a run with another dataset or other settings "
-                f"(see {run_file}). Delete {checkpoint_dir}/ to start over, or restore those settings to resume.")
+                f"finetune.py: {checkpoint_dir}/ holds checkpoints of a run with another dataset "
+                f"or other settings (see {run_file}). Delete {checkpoint_dir}/ to start over, or "
+                f"restore those settings to resume.")
         if first_process:
             print(f"Resuming from {complete[-1]} (delete {checkpoint_dir}/ to start over instead).")
-            if identity["optimizer_state"] == "disk":  # tests/test_resume.py measures the difference
-                print("With the optimizer state on disk, DeepSpeed 0.19.8 restores the weights exactly but starts "
-                      "Adam's step count over: the run goes on close to, not exactly as, an uninterrupted one.")
+            if identity["optimizer_state"] == "disk":  # tests/test_resume.py measures the gap
+                print("With the optimizer state on disk, DeepSpeed 0.19.8 restores the weights "
+                      "exactly but starts Adam's step count over: the run goes on close to, not "
+                      "exactly as, an uninterrupted one.")
         return complete[-1]
-    if first_process:  # starting over: old checkpoints and curves must not be mixed with the new run's
+    if first_process:  # starting over: old checkpoints and curves must not mix with the new run's
         for path in complete + [str(folder / "runs")]:  # runs/: the Trainer's TensorBoard files
             shutil.rmtree(path, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
@@ -54,7 +60,8 @@ def resume_point(checkpoint_dir, identity, settings, first_process):
 
 
 def remove_finished(checkpoint_dir, offload_dir):
-    """Once out/ is complete the checkpoints, and the optimizer state's files of SETUP "disk", only take space."""
+    """Once out/ is complete the checkpoints, and the optimizer state's files of SETUP "disk", only
+    take space."""
     if Path(checkpoint_dir).exists():
         shutil.rmtree(checkpoint_dir)
         print(f"Removed {checkpoint_dir}/: the run is complete.")

@@ -1,8 +1,10 @@
-"""The curves a user looks at: TensorBoard's event files and a PNG of the losses, put beside the model.
+"""The curves a user looks at: TensorBoard's event files and a PNG of the losses, put beside the
+model.
 
-While it trains, the Trainer writes TensorBoard's files to checkpoint_dir/runs/ (`tensorboard --logdir
-checkpoints/runs`, a folder per start of the run); at the end they are copied to out/tensorboard/, and
-out/loss.png shows the training loss per optimizer step and the validation loss at each evaluation.
+While it trains, the Trainer writes TensorBoard's files to checkpoint_dir/runs/
+(`tensorboard --logdir checkpoints/runs`, a folder per start of the run); at the end they are
+copied to out/tensorboard/, and out/loss.png shows the training loss per optimizer step and the
+validation loss at each evaluation.
 """
 
 import shutil
@@ -28,9 +30,11 @@ def plot_losses(log_history, path):
     import matplotlib.pyplot as plt
 
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    validation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    validation = [(entry["step"], entry["eval_loss"])
+                  for entry in log_history if "eval_loss" in entry]
     figure, axes = plt.subplots(figsize=(6, 3.6))
-    for points, label, style in ((train, "training loss", "-"), (validation, "validation loss", "o--")):
+    for points, label, style in ((train, "training loss", "-"),
+                                 (validation, "validation loss", "o--")):
         if points:
             axes.plot(*zip(*points), style, label=label, markersize=4)
     axes.set(xlabel="optimizer step", ylabel="loss", title="Fine-tuning loss")

@@ -1,9 +1,9 @@
 """What a run needs against what the machine has, decided before any weights load.
 
-MEASURED holds what each set-up cost GPT-J-6B on the GPU machines (bench/results.json names every record).
-choose_setup() takes SETUP from finetune.py ("auto" or a set-up's name) and returns the set-up that runs, with
-a report that says why, or stops with the settings that would fit. check_disk() does the same for the disks,
-batch_plan() writes out the batch arithmetic.
+MEASURED holds what each set-up cost GPT-J-6B on the GPU machines (bench/results.json names every
+record). choose_setup() takes SETUP from finetune.py ("auto" or a set-up's name) and returns the
+set-up that runs, with a report that says why, or stops with the settings that would fit.
+check_disk() does the same for the disks, batch_plan() writes out the batch arithmetic.
 """
 
 import math
@@ -13,37 +13,40 @@ from pathlib import Path
 
 import torch
 
-# Per set-up, measured with this code on one H200 capped to each card size (bench/results.json names every
-# record, bench/RESULTS.md tells them): host RAM at peak, GPU memory (the largest per-device batch of 2048
-# tokens per card size, or a fixed part, a part per parameter that ZeRO-3 splits between the GPUs, and a
-# part per sample), disk, and speed (tokens/s, with the card and batch it was measured at).
+# Per set-up, measured with this code on one H200 capped to each card size (bench/results.json names
+# every record, bench/RESULTS.md tells them): host RAM at peak, GPU memory (the largest per-device
+# batch of 2048 tokens per card size, or a fixed part, a part per parameter that ZeRO-3 splits
+# between the GPUs, and a part per sample), disk, and speed (tokens/s, with the card and batch it
+# was measured at).
 MEASURED = {
     "parameters": 6.05e9,  # GPT-J-6B; the GPU figures hold for it only
     "gpu": {
         "host_gib": 3,  # Python's and the libraries' (training peaked at 12.8 GiB)
         "host_bytes_per_parameter": 2,  # the 16-bit weights gathered into RAM to be saved
-        "gpu_bytes_per_parameter": 16,  # FP16 weights and gradients, fp32 master weights, Adam m and v
+        "gpu_bytes_per_parameter": 16,  # FP16 weights and gradients, fp32 master, Adam m and v
         "gpu_mib_fixed": 4200,  # the CUDA context and ZeRO-3's buffers: 115,649 MiB in all at B=26
         "gpu_mib_per_sample": 737,  # as offloaded (the activations are the same)
         "tokens_per_s": {139.8: 10920},  # card GiB: tokens/s; B=26, GA 4
     },
     "ram-pinned": {
-        # 154.1 GiB before the lean overflow check (17 GiB) and the cached pinned memory handed back; with
-        # them, killed at a 124 GiB limit: counted as 137 GiB until measured.
+        # 154.1 GiB before the lean overflow check (17 GiB) and the cached pinned memory handed
+        # back; with them, killed at a 124 GiB limit: counted as 137 GiB until measured.
         "host_bytes_per_parameter": 24.3,
-        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # measured unpinned; pinning added 104 MiB at 24
+        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # measured unpinned; pinned +104 MiB at 24
         "gpu_mib_per_sample": 737,
         "tokens_per_s": {24: 8716},  # B=26, GA 8; 9,586 in a second run
     },
     "ram": {
-        "host_bytes_per_parameter": 21.2,  # 119.5 GiB: FP16 weights and gradients, fp32 master, m, v, gradients
-        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # card GiB: samples (whole process, 2048 tokens)
+        # 119.5 GiB: FP16 weights and gradients, fp32 master, m, v, gradients
+        "host_bytes_per_parameter": 21.2,
+        # card GiB: samples (whole process, 2048 tokens)
+        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},
         "gpu_mib_per_sample": 737,  # beyond the largest card measured
         "tokens_per_s": {24: 6513},  # B=26, GA 8
     },
     "lora": {
         "host_gib": 3,  # Python's and the libraries' (training peaked at 2.1 GiB)
-        "host_bytes_per_parameter": 2,  # at the end: the base model in RAM, to merge the adapters into
+        "host_bytes_per_parameter": 2,  # at the end: the base model in RAM, to merge adapters into
         "gpu_bytes_per_parameter": 2,  # the frozen FP16 weights
         "gpu_mib_fixed": 3460,  # 16 GiB: B=1 fits, 2 does not; 24 GiB: 12 fit, 14 do not
         "gpu_mib_per_sample": 768,
@@ -51,28 +54,29 @@ MEASURED = {
     },
     "lora-ram": {
         "host_gib": 3,  # Python's and the libraries' (training peaked at 13.8 GiB)
-        "host_bytes_per_parameter": 4,  # the frozen FP16 weights, pinned; at the end, the model to merge
+        "host_bytes_per_parameter": 4,  # frozen FP16 weights, pinned; at the end the model to merge
         "largest_batch": {8: 4, 12: 10, 16: 15},
         "gpu_mib_per_sample": 820,
         "tokens_per_s": {8: 6073, 12: 11346, 16: 12102},  # at those batches, GA 2
     },
     "disk": {
         "host_bytes_per_parameter": 8.92,  # 50.3 GiB: FP16 weights and gradients; the rest in files
-        "disk_bytes_per_parameter": 16,  # 96.8 GB of files: fp32 master weights, Adam m and v, fp32 gradients
+        "disk_bytes_per_parameter": 16,  # 96.8 GB of files: fp32 master weights, m, v, gradients
         "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # as in RAM (the GPU side is the same)
         "gpu_mib_per_sample": 737,
         "tokens_per_s": {24: 862},  # B=8, GA 8 (in RAM at that batch: 2,874)
     },
-    "host_gib_per_more_gpu": 2.5,  # RAM in use went from 138.2 to 140.7 GiB at 2 GPUs (pinned 156.8 to 158.9)
-    "checkpoint_bytes_per_parameter": 16,  # ZeRO's FP16 weights 2 + fp32 master, Adam m and v 12 + 16-bit model 2
+    "host_gib_per_more_gpu": 2.5,  # RAM: from 138.2 to 140.7 GiB at 2 GPUs (pinned 156.8 to 158.9)
+    # ZeRO's FP16 weights 2 + fp32 master, Adam m and v 12 + 16-bit model 2
+    "checkpoint_bytes_per_parameter": 16,
 }
 
-# What each set-up is. SETUP = "auto" takes full fine-tuning, fastest first, where the machine holds it; else
-# the LoRA set-up measured fastest on a card of its size, which is far faster than the optimizer state on
-# disk and wears no SSD. "disk" runs only when asked for.
+# What each set-up is. SETUP = "auto" takes full fine-tuning, fastest first, where the machine holds
+# it; else the LoRA set-up measured fastest on a card of its size, which is far faster than the
+# optimizer state on disk and wears no SSD. "disk" runs only when asked for.
 SETUPS = {
-    "gpu": {"description": "full fine-tuning, nothing offloaded", "lora": False, "optimizer_state": "gpu",
-            "pinned": False, "auto": "with a GPU"},
+    "gpu": {"description": "full fine-tuning, nothing offloaded", "lora": False,
+            "optimizer_state": "gpu", "pinned": False, "auto": "with a GPU"},
     "ram-pinned": {"description": "full fine-tuning, optimizer state in pinned RAM", "lora": False,
                    "optimizer_state": "ram", "pinned": True, "auto": "with a GPU"},
     "ram": {"description": "full fine-tuning, optimizer state in RAM", "lora": False,
@@ -87,20 +91,24 @@ SETUPS = {
 
 
 def count_parameters(config):
-    """The model's parameter count from its config alone (built on the 'meta' device: no memory, no weights)."""
+    """The model's parameter count from its config alone (built on the 'meta' device: no memory, no
+    weights)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return sum(parameter.numel() for parameter in AutoModelForCausalLM.from_config(config).parameters())
+        return sum(parameter.numel()
+                   for parameter in AutoModelForCausalLM.from_config(config).parameters())
 
 
 def this_machine(overrides):
     """The machine to plan for: finetune.py's MACHINE values where set, else this one's readings."""
     gpu_gib = overrides["gpu_memory_gib"]
     if gpu_gib is None and torch.cuda.is_available():
-        gpu_gib = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
+        gpu_gib = torch.cuda.get_device_properties(
+            int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
     host_gib = overrides["host_ram_gib"] or (meminfo("MemAvailable") + meminfo("SwapFree")) / 2**30
-    # The launcher's processes on this machine: LOCAL_SIZE (deepspeed) or LOCAL_WORLD_SIZE (torchrun).
+    # The launcher's processes on this machine: LOCAL_SIZE (deepspeed) or LOCAL_WORLD_SIZE
+    # (torchrun).
     processes = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
     return {"host_ram_gib": host_gib, "gpu_memory_gib": gpu_gib, "processes_on_host": processes,
             "gpus": gpu_count()}
@@ -115,35 +123,41 @@ def meminfo(field):
 
 
 def host_ram_needed(name, parameters, processes=1):
-    """GiB of host RAM at peak for a set-up, for all of this machine's GPU processes: ZeRO-3 splits the
-    optimizer state between them, so each more GPU adds little."""
+    """GiB of host RAM at peak for a set-up, for all of this machine's GPU processes: ZeRO-3 splits
+    the optimizer state between them, so each more GPU adds little."""
     measured = MEASURED[name]
-    return (measured.get("host_gib", 0) + measured.get("host_bytes_per_parameter", 0) * parameters / 2**30
+    return (measured.get("host_gib", 0)
+            + measured.get("host_bytes_per_parameter", 0) * parameters / 2**30
             + MEASURED["host_gib_per_more_gpu"] * (processes - 1))
 
 
 def gpu_mib_needed(name, samples, block_size, gpus=1, parameters=MEASURED["parameters"]):
-    """GPU memory a set-up measured as a fixed part + a part per sample needs for `samples` a device."""
+    """GPU memory a set-up measured as a fixed part + a part per sample needs for `samples` a
+    device."""
     measured = MEASURED[name]
     states_mib = measured.get("gpu_bytes_per_parameter", 0) * parameters / gpus / 2**20
-    return measured["gpu_mib_fixed"] + states_mib + samples * measured["gpu_mib_per_sample"] * block_size / 2048
+    return (measured["gpu_mib_fixed"] + states_mib
+            + samples * measured["gpu_mib_per_sample"] * block_size / 2048)
 
 
 def largest_batch(name, gpu_gib, block_size, gpus=1, parameters=MEASURED["parameters"]):
-    """The largest per-device batch of a set-up on a card of gpu_gib (None below the smallest card measured).
-    From a fixed part and a part per sample; or from a table of cards: between two, the line between them,
-    above the largest, one more sample per gpu_mib_per_sample. Shorter blocks fit more samples."""
+    """The largest per-device batch of a set-up on a card of gpu_gib (None below the smallest card
+    measured). From a fixed part and a part per sample; or from a table of cards: between two, the
+    line between them, above the largest, one more sample per gpu_mib_per_sample. Shorter blocks fit
+    more samples."""
     measured = MEASURED[name]
     per_sample = measured["gpu_mib_per_sample"] * block_size / 2048
     if "gpu_mib_fixed" in measured:  # ZeRO-3 splits the states between the GPUs
-        return max(0, int((gpu_gib * 1024 - gpu_mib_needed(name, 0, block_size, gpus, parameters)) // per_sample))
+        return max(0, int((gpu_gib * 1024 - gpu_mib_needed(name, 0, block_size, gpus, parameters))
+                          // per_sample))
     cards = sorted(measured["largest_batch"].items())
     if gpu_gib < cards[0][0]:
         return None
     batch = cards[-1][1] + (gpu_gib - cards[-1][0]) * 1024 / measured["gpu_mib_per_sample"]
     for (small_gib, small_batch), (large_gib, large_batch) in zip(cards, cards[1:]):
         if small_gib <= gpu_gib <= large_gib:
-            batch = small_batch + (large_batch - small_batch) * (gpu_gib - small_gib) / (large_gib - small_gib)
+            batch = small_batch + ((large_batch - small_batch) * (gpu_gib - small_gib)
+                                   / (large_gib - small_gib))
             break
     return int(batch * 2048 / block_size + 1e-9)
 
@@ -151,24 +165,29 @@ def largest_batch(name, gpu_gib, block_size, gpus=1, parameters=MEASURED["parame
 def assess(name, parameters, block_size, batch, machine):
     """One set-up on this machine: what it needs, and why it does not fit (None if it does)."""
     host_needed = host_ram_needed(name, parameters, machine["processes_on_host"])
-    gpu_gib, measured_model = machine["gpu_memory_gib"], abs(parameters / MEASURED["parameters"] - 1) < 0.05
-    fits = largest_batch(name, gpu_gib, block_size, machine["gpus"]) if gpu_gib and measured_model else None
-    result = {"name": name, **SETUPS[name], "host_gib": host_needed, "largest_batch": fits, "why_not": None,
-              "speed": measured_speed(name, gpu_gib)}
+    gpu_gib, measured_model = (machine["gpu_memory_gib"],
+                               abs(parameters / MEASURED["parameters"] - 1) < 0.05)
+    fits = (largest_batch(name, gpu_gib, block_size, machine["gpus"])
+            if gpu_gib and measured_model else None)
+    result = {"name": name, **SETUPS[name], "host_gib": host_needed, "largest_batch": fits,
+              "why_not": None, "speed": measured_speed(name, gpu_gib)}
     if host_needed > machine["host_ram_gib"]:
-        result["why_not"] = (f"needs ~{host_needed:.0f} GiB of host RAM at its peak, more than the "
-                             f"{machine['host_ram_gib']:.0f} GiB this machine has (free RAM + swap)")
+        result["why_not"] = (f"needs ~{host_needed:.0f} GiB of host RAM at its peak, more "
+                             f"than the {machine['host_ram_gib']:.0f} GiB this machine has "
+                             f"(free RAM + swap)")
         result["then"] = "the kernel's OOM killer would stop it minutes in"
         result["last"] = "use a machine with more RAM, or add swap (slow, but it runs)"
     elif fits == 0 and "gpu_mib_fixed" in MEASURED[name]:  # where such a card starts
         one_sample = gpu_mib_needed(name, 1, block_size, machine["gpus"]) / 1024
         each = "on each of its GPUs" if machine["gpus"] > 1 else "on one GPU"
-        result["why_not"] = (f"needs ~{one_sample:.0f} GiB of GPU memory for one sample {each}, more than "
-                             f"this {gpu_gib:.1f} GiB card")
-        result["then"], result["last"] = "CUDA would run out of memory", "use a GPU with more memory"
+        result["why_not"] = (f"needs ~{one_sample:.0f} GiB of GPU memory for one sample {each}, "
+                             f"more than this {gpu_gib:.1f} GiB card")
+        result["then"], result["last"] = ("CUDA would run out of memory",
+                                          "use a GPU with more memory")
     elif fits is not None and batch > fits:
-        result["why_not"] = (f"does not fit per_device_train_batch_size={batch} on a {gpu_gib:.1f} GiB GPU "
-                             f"(up to {fits}, measured on GPT-J-6B at {block_size} tokens a sample)")
+        result["why_not"] = (f"does not fit per_device_train_batch_size={batch} on a {gpu_gib:.1f} "
+                             f"GiB GPU (up to {fits}, measured on GPT-J-6B at {block_size} tokens "
+                             f"a sample)")
         result["then"] = (f"CUDA would run out of memory: set it to {fits} or less and raise "
                           f"gradient_accumulation_steps to keep the full batch")
         result["last"] = "use a GPU with more memory"
@@ -176,9 +195,9 @@ def assess(name, parameters, block_size, batch, machine):
 
 
 def choose_setup(choice, parameters, block_size, training, machine):
-    """The set-up that runs: SETUP's, or for "auto" the first of SETUPS that fits TRAINING's batch on this
-    machine. Stops before any weights load if it does not fit, with the set-ups that would. Returns the
-    set-up with a report to print."""
+    """The set-up that runs: SETUP's, or for "auto" the first of SETUPS that fits TRAINING's batch
+    on this machine. Stops before any weights load if it does not fit, with the set-ups that would.
+    Returns the set-up with a report to print."""
     batch = training["per_device_train_batch_size"]
     if choice != "auto" and choice not in SETUPS:
         raise SystemExit(f"finetune.py: SETUP is {choice!r}; it must be 'auto' or one of "
@@ -188,36 +207,47 @@ def choose_setup(choice, parameters, block_size, training, machine):
         fitting = [option for option in options if not option["why_not"] and (
             option["auto"] is True or option["auto"] == "with a GPU" and machine["gpu_memory_gib"])]
         if not fitting:
-            raise SystemExit(f"finetune.py: no set-up fits this machine.\n{table(options, machine)}")
-        # Full fine-tuning in the order of SETUPS (fastest first); else the LoRA set-up measured fastest
-        # on a card of this size.
+            raise SystemExit(f"finetune.py: no set-up fits this machine.\n"
+                             f"{table(options, machine)}")
+        # Full fine-tuning in the order of SETUPS (fastest first); else the LoRA set-up measured
+        # fastest on a card of this size.
         full = [option for option in fitting if not option["lora"]]
         setup = full[0] if full else max(fitting, key=lambda option: option["speed"][1])
-        why = 'SETUP = "auto": full fine-tuning, fastest first, where it fits, else the fastest LoRA'
+        why = ('SETUP = "auto": full fine-tuning, fastest first, where it fits, '
+               'else the fastest LoRA')
     else:
-        setup, why = next(option for option in options if option["name"] == choice), f'SETUP = "{choice}"'
+        setup, why = (next(option for option in options if option["name"] == choice),
+                      f'SETUP = "{choice}"')
     if setup["why_not"]:
-        others = [f"set SETUP = '{option['name']}' ({option['description']}: ~{option['host_gib']:.0f} GiB of RAM"
-                  f"{speed(option)})" for option in options if not option["why_not"] and option is not setup]
-        raise SystemExit(f"finetune.py: this run ({setup['description']}) {setup['why_not']}; {setup['then']}. "
-                         f"Or else " + "; or ".join(others + [setup["last"]]) + ".")
-    lines = [f"Set-up: {setup['name']} ({setup['description']}), from {why}.", table(options, machine),
+        others = [f"set SETUP = '{option['name']}' ({option['description']}: "
+                  f"~{option['host_gib']:.0f} GiB of RAM{speed(option)})"
+                  for option in options if not option["why_not"] and option is not setup]
+        raise SystemExit(f"finetune.py: this run ({setup['description']}) {setup['why_not']}; "
+                         f"{setup['then']}. Or else "
+                         + "; or ".join(others + [setup["last"]]) + ".")
+    lines = [f"Set-up: {setup['name']} ({setup['description']}), from {why}.",
+             table(options, machine),
              f"Host RAM: ~{setup['host_gib']:.1f} GiB at peak ({setup['description']}), "
              f"{machine['host_ram_gib']:.1f} GiB available (free RAM + swap)."]
     if setup["largest_batch"] is not None:
-        lines.append(f"GPU memory: per_device_train_batch_size={batch}; up to {setup['largest_batch']} fit(s) this "
-                     f"{machine['gpu_memory_gib']:.1f} GiB card ({setup['description']}, measured on GPT-J-6B).")
+        lines.append(f"GPU memory: per_device_train_batch_size={batch}; up to "
+                     f"{setup['largest_batch']} fit(s) this {machine['gpu_memory_gib']:.1f} "
+                     f"GiB card ({setup['description']}, measured on GPT-J-6B).")
     elif machine["gpu_memory_gib"] and abs(parameters / MEASURED["parameters"] - 1) < 0.05:
-        lines.append(f"GPU memory: {machine['gpu_memory_gib']:.1f} GiB on the card; batches were measured on cards "
-                     f"of {min(MEASURED[setup['name']].get('largest_batch', {8: 0}))} GiB and more only.")
+        lines.append(f"GPU memory: {machine['gpu_memory_gib']:.1f} GiB on the card; batches were "
+                     f"measured on cards of "
+                     f"{min(MEASURED[setup['name']].get('largest_batch', {8: 0}))} GiB "
+                     f"and more only.")
     return {**setup, "report": "\n".join(lines)}
 
 
 def table(options, machine):
-    """Every set-up on this machine, one line each: what it needs and its measured speed, or why not."""
+    """Every set-up on this machine, one line each: what it needs and its measured speed, or why
+    not."""
     rows = []
     for option in options:
-        batch = f", up to {option['largest_batch']} a GPU" if option["largest_batch"] is not None else ""
+        batch = (f", up to {option['largest_batch']} a GPU"
+                 if option["largest_batch"] is not None else "")
         state = option["why_not"] or f"~{option['host_gib']:.1f} GiB of RAM{batch}{speed(option)}"
         if option["auto"] is False:
             state += " (only when asked for)"
@@ -239,16 +269,20 @@ def measured_speed(name, gpu_gib):
 
 
 def check_disk(parameters, setup, files, checkpoints, on_gpu):
-    """Stop before training if the disks cannot hold the checkpoints and the final model; else say what they take."""
+    """Stop before training if the disks cannot hold the checkpoints and the final model; else say
+    what they take."""
     model_bytes = (2 if on_gpu else 4) * parameters  # FP16 on GPUs, FP32 on CPU
     checkpoint_bytes = (0.01 * model_bytes if setup["lora"] else  # LoRA: the adapters
                         MEASURED["checkpoint_bytes_per_parameter"] * parameters)
-    checkpoints_bytes = checkpoint_bytes * (checkpoints["keep"] + 1) if checkpoints["every_steps"] else 0
-    offload_bytes = MEASURED["disk"]["disk_bytes_per_parameter"] * parameters if setup["name"] == "disk" else 0
+    checkpoints_bytes = (checkpoint_bytes * (checkpoints["keep"] + 1)
+                         if checkpoints["every_steps"] else 0)
+    offload_bytes = (MEASURED["disk"]["disk_bytes_per_parameter"] * parameters
+                     if setup["name"] == "disk" else 0)
     parts = [(files["out_dir"], model_bytes, f"the model ({model_bytes / 1e9:.3f} GB)"),
              (files["checkpoint_dir"], checkpoints_bytes,
               f"up to {checkpoints['keep'] + 1} checkpoints of {checkpoint_bytes / 1e9:.3f} GB"),
-             (files["offload_dir"], offload_bytes, f"the optimizer state's files ({offload_bytes / 1e9:.3f} GB)")]
+             (files["offload_dir"], offload_bytes,
+              f"the optimizer state's files ({offload_bytes / 1e9:.3f} GB)")]
     needs = {}  # per disk: (bytes needed, folders, what they hold)
     for folder, size, what in parts:
         if size:
@@ -256,21 +290,25 @@ def check_disk(parameters, setup, files, checkpoints, on_gpu):
             needed, folders, whats = needs.get(disk, (0, [], []))
             needs[disk] = (needed + size, folders + [folder], whats + [what])
     for needed, folders, whats in needs.values():
-        # What the run will replace (old checkpoints, the previous out/, old offload files) counts as free.
+        # What the run will replace (old checkpoints, the previous out/, old offload files) counts
+        # as free.
         replaced = sum(path.stat().st_size for folder in folders if Path(folder).exists()
                        for path in Path(folder).rglob("*") if path.is_file())
         free = shutil.disk_usage(existing_parent(folders[0])).free + replaced
         if free < needed:
             raise SystemExit(
-                f"finetune.py: the disk holding {' and '.join(f + '/' for f in folders)} has {free / 1e9:.3f} GB "
-                f"free, but this run needs {needed / 1e9:.3f} GB there: {', '.join(whats)}. Free some space, point "
-                f"FILES at a larger disk, or set CHECKPOINTS['every_steps'] = None (no resume after a crash).")
-    offload = f" + {offload_bytes / 1e9:.1f} GB of optimizer state in {files['offload_dir']}/" if offload_bytes else ""
+                f"finetune.py: the disk holding {' and '.join(f + '/' for f in folders)} has "
+                f"{free / 1e9:.3f} GB free, but this run needs {needed / 1e9:.3f} GB there: "
+                f"{', '.join(whats)}. Free some space, point FILES at a larger disk, or set "
+                f"CHECKPOINTS['every_steps'] = None (no resume after a crash).")
+    offload = (f" + {offload_bytes / 1e9:.1f} GB of optimizer state in {files['offload_dir']}/"
+               if offload_bytes else "")
     if not checkpoints["every_steps"]:
-        return f"Disk: {model_bytes / 1e9:.1f} GB for the model{offload}; no checkpoints (a killed run starts over)."
-    return (f"Disk: {model_bytes / 1e9:.1f} GB for the model{offload}, up to {checkpoints_bytes / 1e9:.1f} GB of "
-            f"checkpoints ({checkpoints['keep'] + 1} x {checkpoint_bytes / 1e9:.1f} GB, every "
-            f"{checkpoints['every_steps']} steps).")
+        return (f"Disk: {model_bytes / 1e9:.1f} GB for the model{offload}; "
+                f"no checkpoints (a killed run starts over).")
+    return (f"Disk: {model_bytes / 1e9:.1f} GB for the model{offload}, up to "
+            f"{checkpoints_bytes / 1e9:.1f} GB of checkpoints ({checkpoints['keep'] + 1} x "
+            f"{checkpoint_bytes / 1e9:.1f} GB, every {checkpoints['every_steps']} steps).")
 
 
 def existing_parent(folder):
@@ -281,17 +319,20 @@ def existing_parent(folder):
 
 
 def gpu_count():
-    """Processes taking part: the launcher's WORLD_SIZE, else the GPUs this machine has (1 on CPU)."""
+    """Processes taking part: the launcher's WORLD_SIZE, else the GPUs this machine has (1 on
+    CPU)."""
     return int(os.environ.get("WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
 
 
 def batch_plan(train_samples, training, gpus, block_size):
-    """The batch arithmetic, as text: full batch, optimizer steps, and what a partial last step means."""
-    per_device, accumulation = training["per_device_train_batch_size"], training["gradient_accumulation_steps"]
+    """The batch arithmetic, as text: full batch, optimizer steps, and what a partial last step
+    means."""
+    per_device, accumulation = (training["per_device_train_batch_size"],
+                                training["gradient_accumulation_steps"])
     full_batch_size = per_device * accumulation * gpus
-    # As the Trainer counts: each GPU gets ceil(samples / (per_device * gpus)) micro-batches per epoch
-    # (with several GPUs the last ones are filled up with repeated samples), and an optimizer step
-    # every `accumulation` micro-batches, the last one with whatever is left.
+    # As the Trainer counts: each GPU gets ceil(samples / (per_device * gpus)) micro-batches per
+    # epoch (with several GPUs the last ones are filled up with repeated samples), and an optimizer
+    # step every `accumulation` micro-batches, the last one with whatever is left.
     micro_batches = math.ceil(train_samples / (per_device * gpus))
     steps_per_epoch = math.ceil(micro_batches / accumulation)
     optimizer_steps = math.ceil(steps_per_epoch * training["num_train_epochs"])
@@ -300,19 +341,23 @@ def batch_plan(train_samples, training, gpus, block_size):
     devices = f"{gpus} GPU{'s' * (gpus > 1)}" if torch.cuda.is_available() else \
         f"{gpus} process{'es' * (gpus > 1)} (CPU)"
     lines = [
-        f"Batch plan: {per_device} per device x {accumulation} accumulation x {devices} = full batch of "
-        f"{full_batch_size} samples ({full_batch_size * block_size:,} tokens per optimizer step).",
+        f"Batch plan: {per_device} per device x {accumulation} accumulation x {devices} = full "
+        f"batch of {full_batch_size} samples ({full_batch_size * block_size:,} tokens per "
+        f"optimizer step).",
         f"{train_samples:,} train samples -> {steps_per_epoch:,} optimizer steps per epoch, "
         f"{optimizer_steps:,} in {training['num_train_epochs']} epoch(s).",
     ]
     if last_step_samples != full_batch_size:
-        lines.append(f"The last step of each epoch gets {last_step_samples} new sample(s) instead of "
-                     f"{full_batch_size}: a smaller, noisier step (no sample is left out).")
+        lines.append(f"The last step of each epoch gets {last_step_samples} new sample(s) instead "
+                     f"of {full_batch_size}: a smaller, noisier step (no sample is left out).")
     if repeated:
-        lines.append(f"{repeated} samples are seen twice per epoch, to fill the last micro-batch on every GPU.")
+        lines.append(f"{repeated} samples are seen twice per epoch, to fill the last micro-batch "
+                     f"on every GPU.")
     even = [a for a in range(1, 65) if train_samples % (per_device * a * gpus) == 0]
     if last_step_samples != full_batch_size or repeated:
-        lines.append(f"gradient_accumulation_steps that give equal steps: {', '.join(map(str, even))}." if even else
-                     "No gradient_accumulation_steps up to 64 gives equal steps for this sample count; that is fine.")
+        lines.append(f"gradient_accumulation_steps that give equal steps: "
+                     f"{', '.join(map(str, even))}." if even else
+                     "No gradient_accumulation_steps up to 64 gives equal steps for this sample "
+                     "count; that is fine.")
     return "\n".join(lines)
 
