@@ -1,5 +1,4 @@
-"""Resume: which checkpoint a run continues from, which it must refuse, and the clean-up once out/
-is complete.
+"""Resume: the checkpoint a run continues from, the ones it refuses, the clean-up once out/ is whole.
 
 The Trainer writes checkpoint-<step>/ folders; trainer_state.json is the last file it writes into
 one (after every process's DeepSpeed shards), so a folder without it was cut short and is never

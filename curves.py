@@ -1,5 +1,4 @@
-"""The curves a user looks at: TensorBoard's event files and a PNG of the losses, put beside the
-model.
+"""The curves a user looks at: TensorBoard's event files and a PNG of the losses, beside the model.
 
 While it trains, the Trainer writes TensorBoard's files to checkpoint_dir/runs/
 (`tensorboard --logdir checkpoints/runs`, a folder per start of the run); at the end they are

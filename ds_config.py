@@ -1,5 +1,4 @@
-"""The DeepSpeed ZeRO-3 configuration finetune.py hands to the Trainer
-(TrainingArguments(deepspeed=...)).
+"""The DeepSpeed ZeRO-3 configuration finetune.py hands to the Trainer, adapted to each set-up.
 
 "auto" marks every value the HF Trainer owns (batch sizes, accumulation, learning rate, clipping,
 precision, bucket sizes from the model's width): the Trainer fills them in from finetune.py's
