@@ -1,4 +1,4 @@
-"""Resume: the checkpoint a run continues from, the ones it refuses, the clean-up once out/ is whole.
+"""Resume: the checkpoint a run continues from, the ones it refuses, the clean-up once out/ is done.
 
 The Trainer writes checkpoint-<step>/ folders; trainer_state.json is the last file it writes into
 one (after every process's DeepSpeed shards), so a folder without it was cut short and is never
