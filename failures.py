@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,37 +37,44 @@ def silence_false_alarms():
     # PyTorch's deprecation notices for calls inside DeepSpeed's ZeRO-3: DeepSpeed's to change.
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|"
                             r"reduce_scatter_tensor)` is deprecated", FutureWarning)
-    announce_comm_op_build()
+    # On CPUs DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
+    # successfully" on every run, though it only loads the op it compiled once.
+    comm = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch reads as torch)
+    if not getattr(comm.build_shm_op, "quiet", False):
+        comm.build_shm_op = quiet(comm.build_shm_op)
+    announce_op_builds()
 
 
 def not_an_accumulation_mismatch(record):
     return "Gradient accumulation steps mismatch" not in record.getMessage()
 
 
-def announce_comm_op_build():
-    """On CPUs DeepSpeed loads a shared-memory communication op and prints "DeepSpeed
-    deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on every run, though it compiles
-    it only once (about a minute on 2 cores, in silence). Here the once is announced before it
-    starts, and every other load is quiet."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+def quiet(function):
+    """function, with what it prints to stdout dropped."""
+    def quietly(*args, **kwargs):
+        with contextlib.redirect_stdout(io.StringIO()):
+            return function(*args, **kwargs)
+    quietly.quiet = True
+    return quietly
 
-    deepspeed_comm = importlib.import_module("deepspeed.comm.torch")  # the attribute is torch
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    load = deepspeed_comm.build_shm_op
-    if builder is None or getattr(load, "announced", False):  # not on this accelerator, or done
+
+def announce_op_builds():
+    """DeepSpeed compiles each of its ops on first use, in silence: about a minute for CPU Adam or
+    the CPU communication op, three for async I/O (SETUP "disk"), on 2 cores. Said beforehand."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    jit_load = OpBuilder.jit_load
+    if getattr(jit_load, "announced", False):
         return
 
-    def announced_load():
-        if (deepspeed.ops.__compatible_ops__.get(builder.NAME, False) and not compiled(builder.NAME)
-                and os.environ.get("LOCAL_RANK", "0") == "0"):
-            print(f"Compiling DeepSpeed's CPU communication op {builder.NAME} (once, about a "
-                  f"minute on 2 cores; cached in {extensions_root()}) ...", flush=True)
-        with contextlib.redirect_stdout(io.StringIO()):  # its "built successfully"
-            return load()
+    def announced_jit_load(builder, verbose=True):
+        if not compiled(builder.name) and os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"Compiling DeepSpeed's {builder.name} op for its first use (once, 1-3 minutes "
+                  f"on 2 cores; cached in {extensions_root()}) ...", file=sys.stderr, flush=True)
+        return jit_load(builder, verbose)
 
-    announced_load.announced = True
-    deepspeed_comm.build_shm_op = announced_load
+    announced_jit_load.announced = True
+    OpBuilder.jit_load = announced_jit_load
 
 
 def extensions_root():
