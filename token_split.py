@@ -36,6 +36,7 @@ WORK = {
     "piece_chars": 64 * 1024,  # text per tokenizer input; a longer file is cut into such pieces
     "batch_chars": 2 * 1024 * 1024,  # text per tokenizer call, spread over all cores (~0.3 GB RAM)
     "read_bytes": 1024 * 1024,  # bytes per read while every file is checked before the long work
+    "progress_after_s": 2,  # a progress bar (MB, MB/s, files) shows once a stage takes this long
 }
 
 TOKENS_FILE = "tokens.bin"  # scratch, in the dataset folder while it is written: all ids in order
@@ -286,8 +287,8 @@ def tokenize(documents, text_dir, tokenizer, token_file):
                 tokens.write(np.array(ids, dtype).tobytes())
                 counts[number] += len(ids)
             number, _, last, _ = batch[-1]
-            progress.update(sum(read for _, _, _, read in batch))
             progress.set_postfix_str(f"{number + last}/{len(documents)} files", refresh=False)
+            progress.update(sum(read for _, _, _, read in batch))  # shows the files done too
     progress.close()
     return counts
 
@@ -569,12 +570,12 @@ def dataset_facts(settings, tokenizer, documents, skipped, token_counts, split, 
 
 
 def progress_bar(description, paths):
-    """A bar in MB (with MB/s) and files, shown only once the work has taken a couple of seconds."""
+    """A bar in MB (with MB/s) and files, shown once a stage has taken WORK["progress_after_s"]."""
     from tqdm import tqdm
 
     total = sum(os.path.getsize(path) for path in paths)
-    bar = tqdm(total=total, desc=description, unit="B", unit_scale=True, delay=2, mininterval=1,
-               file=sys.stderr)
+    bar = tqdm(total=total, desc=description, unit="B", unit_scale=True, mininterval=1,
+               delay=WORK["progress_after_s"], file=sys.stderr)
     bar.set_postfix_str(f"0/{len(paths)} files", refresh=False)
     return bar
 

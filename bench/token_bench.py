@@ -62,12 +62,32 @@ def main():
         raise SystemExit(f"unknown cases {unknown}; the cases are {list(CASES)}")
     work = Path(BENCH["work_dir"])
     pool = text_pool(work)
-    tokenizer = train_tokenizer(work, pool)
+    tokenizer = work / f"tokenizer-{BENCH['vocab_size']}"
+    if not (tokenizer / "tokenizer.json").exists():
+        in_child("train_tokenizer", pool, tokenizer)
     old_repo = old_checkout(work)
     for name in names:
         record = run_case(name, CASES[name], work, pool, tokenizer, old_repo)
         save(name, record)
         print(summary_line(name, record), flush=True)
+
+
+# A child's peak RSS (os.wait4) starts from its parent's own peak, which it inherits at the fork:
+# the work that needs memory (training the tokenizer, comparing datasets) runs in children too, and
+# rss_floor_gib (measured for `true`) says what every figure includes.
+CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import token_bench
+print(json.dumps(getattr(token_bench, sys.argv[2])(*sys.argv[3:])))
+"""
+
+
+def in_child(function, *arguments):
+    """token_bench.function(*arguments) in a child process; what it returns (through JSON)."""
+    command = [sys.executable, "-c", CHILD, str(REPO / "bench"), function, *map(str, arguments)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def text_pool(work, size=600_000_000):
@@ -110,15 +130,12 @@ def source_files():
                         yield path
 
 
-def train_tokenizer(work, pool):
-    """A byte-level BPE of GPT-J's size (50,400 ids) with GPT-J's <|endoftext|>, trained once."""
-    folder = work / f"tokenizer-{BENCH['vocab_size']}"
-    if (folder / "tokenizer.json").exists():
-        return folder
+def train_tokenizer(pool, folder):
+    """A byte-level BPE of GPT-J's size (50,400 ids) with GPT-J's <|endoftext|>, saved in folder."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    sample = work / "tokenizer-training.txt"
+    sample = Path(folder).with_name("tokenizer-training.txt")
     with open(pool, "rb") as text:
         sample.write_bytes(text.read(BENCH["tokenizer_training_bytes"]))
     bpe = ByteLevelBPETokenizer()
@@ -128,7 +145,7 @@ def train_tokenizer(work, pool):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eos, eos_token=eos,
                                         unk_token=eos)
     tokenizer.save_pretrained(folder)
-    return folder
+    return str(folder)
 
 
 def old_checkout(work):
@@ -174,7 +191,8 @@ def run_case(name, case, work, pool, tokenizer, old_repo):
     corpus = {"bytes": corpus_bytes, "files": case["files"],
               "from": "text files of this machine: " + ", ".join(SOURCES)}
     record = {"corpus": corpus, "date": datetime.date.today().isoformat(),
-              "command": "python bench/token_bench.py " + " ".join(sys.argv[1:])}
+              "command": "python bench/token_bench.py " + " ".join(sys.argv[1:]),
+              "commit": measured_commit()}
     nice = case.get("nice", 0)
     modes = ["threads", "processes", "transformers"] if case.get("more") else ["threads"]
     record["tokenizer_alone"] = {mode: tokenizer_alone_run(text_dir, tokenizer, mode, nice, work)
@@ -185,7 +203,7 @@ def run_case(name, case, work, pool, tokenizer, old_repo):
     if case.get("old"):
         record["token_split_old"] = token_split_run(old_repo, text_dir, tokenizer, old, nice,
                                                     corpus_bytes)
-        record["same_samples_and_facts_as_old"] = same_datasets(old, new)
+        record["same_samples_and_facts_as_old"] = in_child("same_datasets", old, new)
         shutil.rmtree(old)
     shutil.rmtree(new)
     fastest = min(record["tokenizer_alone"].values(), key=lambda run: run["in_script_s"])
@@ -220,16 +238,8 @@ def token_split_run(repo, text_dir, tokenizer, dataset_dir, nice, corpus_bytes):
                                  if path.is_file())}
 
 
-TOKENIZER_CHILD = """
-import sys
-sys.path.insert(0, sys.argv[1])
-import token_bench
-token_bench.tokenizer_alone(*sys.argv[2:])
-"""
-
-
 def tokenizer_alone_run(text_dir, tokenizer, mode, nice, work):
-    command = [sys.executable, "-c", TOKENIZER_CHILD, str(REPO / "bench"), str(text_dir),
+    command = [sys.executable, "-c", CHILD, str(REPO / "bench"), "tokenizer_alone", str(text_dir),
                str(tokenizer), mode]
     run = measure(command, nice, REPO, work / f"tokenizer-{mode}.log")
     result = json.loads(run.pop("output").strip().splitlines()[-1])
@@ -240,7 +250,7 @@ def tokenizer_alone_run(text_dir, tokenizer, mode, nice, work):
 
 def tokenizer_alone(text_dir, tokenizer_dir, mode):
     """The fast tokenizer by itself on every file of text_dir: read in token_split's pieces (cut at
-    a line end or space), in batches of token_split's size, ids returned as lists. Prints seconds
+    a line end or space), in batches of token_split's size, ids returned as lists. Returns seconds
     (from before transformers is imported, as token_split's count does) and tokens (+1 EOS per file,
     as token_split)."""
     started = time.time()
@@ -267,7 +277,7 @@ def tokenizer_alone(text_dir, tokenizer_dir, mode):
             os.cpu_count(), initializer=start_worker, initargs=(tokenizer_dir,))
         counts = pool.imap(count_tokens, batches)
     tokens = sum(counts)
-    print(json.dumps({"seconds": round(time.time() - started, 2), "tokens": tokens + len(files)}))
+    return {"seconds": round(time.time() - started, 2), "tokens": tokens + len(files)}
 
 
 def text_batches(files, piece_chars, batch_chars):
@@ -309,10 +319,11 @@ def count_tokens(batch):
     return sum(len(encoding.ids) for encoding in encodings)
 
 
-def measure(command, nice, cwd, log):
-    """Run command as a child process after the machine is quiet; its wall time, peak RSS, the CPU
+def measure(command, nice, cwd, log, quiet=True):
+    """Run command as a child process (after the machine is quiet); its wall time, peak RSS, the CPU
     time other processes used meanwhile, and its output."""
-    wait_until_quiet()
+    if quiet:
+        wait_until_quiet()
     if nice:
         command = ["nice", "-n", str(nice), *command]
     cpu_before, started = busy_cpu_seconds(), time.time()
@@ -354,6 +365,7 @@ def same_datasets(old_dir, new_dir):
     import numpy as np
     from datasets import load_from_disk
 
+    old_dir, new_dir = Path(old_dir), Path(new_dir)
     old, new = load_from_disk(str(old_dir)), load_from_disk(str(new_dir))
     for split in ("train", "validation"):
         if len(old[split]) != len(new[split]):
@@ -367,6 +379,15 @@ def same_datasets(old_dir, new_dir):
     for fact in facts:
         fact.pop("created")
     return facts[0] == facts[1] and list(facts[0]) == list(facts[1])
+
+
+def measured_commit():
+    """The commit whose token_split.py and artifacts.py are measured (+ "-dirty": changed since)."""
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    changed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "token_split.py",
+                              "artifacts.py"])
+    return commit.stdout.strip() + ("-dirty" if changed.returncode else "")
 
 
 def machine():
@@ -387,8 +408,10 @@ def versions():
 
 def save(name, record):
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"cases": {}}
+    floor = measure(["true"], 0, REPO, Path(BENCH["work_dir"]) / "true.log", quiet=False)
     results.update(machine=machine(), versions=versions(), settings=BENCH,
-                   command="python bench/token_bench.py " + " ".join(sys.argv[1:]))
+                   command="python bench/token_bench.py " + " ".join(sys.argv[1:]),
+                   rss_floor_gib=floor["peak_rss_gib"])
     results["cases"][name] = record
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 

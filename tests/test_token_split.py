@@ -150,3 +150,21 @@ def test_interrupted_save_leaves_nothing_that_looks_complete(tmp_path):
     (tmp_path / "dataset").mkdir()  # a folder without its metadata file: never completed
     with pytest.raises(SystemExit, match="incomplete"):
         artifacts.read_dataset_facts(tmp_path / "dataset")
+
+
+def test_samples_are_small_on_disk_and_load_as_the_trainer_expects(split, tiny_model):
+    """ids in uint16, the mask in int8, labels (with -100) in int32 on disk; finetune.py loads them
+    with load_from_disk and the Trainer's default_data_collator stacks them into int64 tensors."""
+    import torch
+    from transformers import default_data_collator
+
+    dataset, metadata = split()
+    features = dataset["train"].features
+    assert [features[name].feature.dtype for name in ("input_ids", "attention_mask", "labels")] == \
+        ["uint16", "int8", "int32"]
+    rows = [dataset["validation"][index] for index in range(len(dataset["validation"]))]
+    batch = default_data_collator(rows)
+    assert {name: tensor.dtype for name, tensor in batch.items()} == {
+        "input_ids": torch.int64, "attention_mask": torch.int64, "labels": torch.int64}
+    assert batch["labels"].tolist() == [row["labels"] for row in rows]
+    assert (batch["labels"] == -100).sum() == metadata["counts"]["validation"]["padding_tokens"]

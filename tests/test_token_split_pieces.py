@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 from datasets import load_from_disk
@@ -125,3 +126,16 @@ def test_a_tokenizer_that_cannot_be_cut_gets_each_file_whole(tmp_path, configure
     dataset = load_from_disk(str(tmp_path / "dataset"))
     assert unpadded(dataset["train"]) == [token for name in sorted(files)
                                           for token in expected_tokens(tokenizer, files[name])]
+
+
+def test_progress_bar_counts_megabytes_and_files(tmp_path, tiny_model, configure, capsys):
+    write_files(tmp_path / "text", FILES)
+    configure(token_split.SETTINGS, text_dir=str(tmp_path / "text"),
+              dataset_dir=str(tmp_path / "dataset"), tokenizer=tiny_model, block_size=64)
+    configure(token_split.WORK, progress_after_s=0, piece_chars=1000, batch_chars=5000)
+    token_split.main()
+    bars = capsys.readouterr().err.replace("\r", "\n")
+    size = sum(path.stat().st_size for path in (tmp_path / "text").iterdir()) / 1000
+    for stage in ("checking", "tokenizing"):  # the last state of each bar: all of it, with a rate
+        final = rf"{stage}: 100%.*\| {size:.1f}k/{size:.1f}k \[.*[kM]?B/s, 7/7 files\]"
+        assert re.search(final, bars), bars
