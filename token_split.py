@@ -281,8 +281,8 @@ def tokenize(documents, text_dir, tokenizer, token_file):
         for batch in batches(pieces, WORK["batch_chars"]):
             # encode_batch_fast: encode_batch's ids without the character offsets; 3x faster here
             texts = [text for _, text, _, _ in batch]
-            for (number, _, last, _), encoding in zip(batch, encoder.encode_batch_fast(
-                    texts, add_special_tokens=False)):
+            encodings = encoder.encode_batch_fast(texts, add_special_tokens=False)
+            for (number, _, last, _), encoding in zip(batch, encodings):
                 ids = encoding.ids + [tokenizer.eos_token_id] if last else encoding.ids
                 tokens.write(np.array(ids, dtype).tobytes())
                 counts[number] += len(ids)
@@ -401,7 +401,8 @@ def split_train_validation(token_counts, settings):
     validation_count = max(1, round(share * block_count)) if block_count >= 2 else 0
     validation_blocks = rng.sample(range(block_count), validation_count)
     if validation_count == 0:
-        method = "none: the corpus fills only one block, so there is no validation data (add text)"
+        method = ("none: the corpus fills only one block, so there is no validation data "
+                  "(add text for one)")
     else:
         method = (f"by block: {validation_count} of {block_count} blocks held out "
                   f"(too few documents, or too uneven, to hold out whole ones)")

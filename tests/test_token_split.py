@@ -168,3 +168,13 @@ def test_samples_are_small_on_disk_and_load_as_the_trainer_expects(split, tiny_m
         "input_ids": torch.int64, "attention_mask": torch.int64, "labels": torch.int64}
     assert batch["labels"].tolist() == [row["labels"] for row in rows]
     assert (batch["labels"] == -100).sum() == metadata["counts"]["validation"]["padding_tokens"]
+
+
+def test_one_block_has_no_validation_and_says_so(split, tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = PARAGRAPH * 3
+    dataset, metadata = split({"one.txt": text}, block_size=len(expected_tokens(tokenizer, text)))
+    assert metadata["split"] == ("none: the corpus fills only one block, so there is no validation "
+                                 "data (add text for one)")
+    assert len(dataset["train"]) == 1 and len(dataset["validation"]) == 0
+    assert metadata["counts"]["train"]["padding_tokens"] == 0
