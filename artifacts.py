@@ -144,6 +144,7 @@ def swap_in(partial, target):
     every moment target is either the old complete folder or the new one, and the old one is then
     deleted (also when it was made read-only, which used to leave it in the way of the next run)."""
     partial, target, old = Path(partial), Path(target), old_path(target)
+    readable_as_umask_allows(partial)
     remove_folder(old)
     if target.exists():
         os.replace(target, old)
@@ -158,6 +159,16 @@ def swap_in(partial, target):
     except OSError as error:  # the new folder is in place; the next run names what keeps the old
         print(f"warning: could not delete the earlier copy '{old}' ({error.strerror}); delete it "
               f"by hand.", file=sys.stderr)
+
+
+def readable_as_umask_allows(folder):
+    """Files as readable as the user's other files: the safetensors weights come out 0600 (written
+    to a private temporary file first), so others on a shared machine could not load out/."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(path.stat().st_mode | (0o644 & ~umask))
 
 
 def tokenizer_fingerprint(tokenizer):

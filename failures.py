@@ -102,6 +102,21 @@ def clear_stale_build_locks(max_age_s=600):
 
 
 @contextlib.contextmanager
+def model_within_reach(name):
+    """The model's config and tokenizer come from the Hugging Face hub (downloaded once, then cached)
+    or from a local folder; when neither answers, one sentence says so instead of a long traceback."""
+    try:
+        yield
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise SystemExit(
+            f"finetune.py: cannot load the model '{name}' ({reason}). It comes from the Hugging Face "
+            f"hub (downloaded once, which needs the network, then cached) or from a local folder: "
+            f"without network, copy the model's folder to this machine and set MODEL['name'] in "
+            f"finetune.py to that folder.") from None
+
+
+@contextlib.contextmanager
 def explained(trainer, checkpoint_dir, training, largest_batch):
     """Training inside this block ends, on a known failure, with what happened and how to go on."""
     import torch

@@ -80,8 +80,9 @@ def main():
     memory_savers.install()  # ZeRO-3: less host RAM a step; a CUDA allocator that fits more samples
     failures.prepare()  # the launcher's SIGTERM is handled like Ctrl-C; stale build locks go
     facts = artifacts.read_dataset_facts(FILES["dataset_dir"])  # missing or half-written: says so
-    config = AutoConfig.from_pretrained(MODEL["name"], revision=MODEL["revision"])
-    tokenizer = AutoTokenizer.from_pretrained(MODEL["name"], revision=MODEL["revision"])  # to out/
+    with failures.model_within_reach(MODEL["name"]):  # from the hub or a folder: says if neither
+        config = AutoConfig.from_pretrained(MODEL["name"], revision=MODEL["revision"])
+        tokenizer = AutoTokenizer.from_pretrained(MODEL["name"], revision=MODEL["revision"])  # to out/
     artifacts.check_dataset(facts, tokenizer, MODEL["name"], config.max_position_embeddings)
     # The set-up and the disk the run needs, from measured figures: stops here if they do not fit.
     parameters, machine = plan.count_parameters(config), plan.this_machine(MACHINE)
@@ -89,7 +90,7 @@ def main():
     disk_plan = plan.check_disk(parameters, setup, FILES, CHECKPOINTS, torch.cuda.is_available())
     arguments = training_arguments(ds_config.deepspeed_config(setup, FILES["offload_dir"]))
     samples = load_from_disk(FILES["dataset_dir"])
-    gpus, first = arguments.world_size, arguments.local_process_index == 0
+    gpus, first = arguments.world_size, arguments.process_index == 0  # shared checkpoint_dir
     run = checkpoints.run_identity(facts, MODEL["name"], TRAINING, setup, LORA, gpus)
     checkpoint = checkpoints.resume_point(FILES["checkpoint_dir"], run, CHECKPOINTS, first)
     if arguments.process_index == 0:

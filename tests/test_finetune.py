@@ -78,6 +78,8 @@ def test_validation_loss_goes_down_and_out_reloads_without_deepspeed(trained, ti
     assert json.loads((tmp_path / "out" / "config.json").read_text())["activation_function"] == "gelu_pytorch_tanh"
     assert "Disk: 0.0 GB for the model, up to 0.0 GB of checkpoints (2 x 0.0 GB, every 20 steps)." in output
     assert not (tmp_path / "out.partial").exists()
+    for path in (tmp_path / "out").rglob("*"):  # others can read it too (safetensors writes 0600)
+        assert not path.is_file() or path.stat().st_mode & 0o044 == 0o044, path
     # The curves: TensorBoard's files (the same training losses as the log) and a PNG of them.
     assert (tmp_path / "out" / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -134,6 +136,21 @@ def test_dataset_longer_than_the_models_context_is_refused_before_loading(tmp_pa
                                          "of 256. Lower token_split.py's block_size"):
         finetune.main()
     assert not (tmp_path / "out").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("model", ["EleutherAI/gpt-j-6B", "no/such/folder"])
+def test_a_model_out_of_reach_is_said_in_one_sentence(tmp_path, tiny_model, configure, model):
+    """No network (HF_HUB_OFFLINE=1 fails at once where a cut cable retries first), or a folder that is not
+    there: one sentence that says where the model comes from and which setting to change, no traceback."""
+    dataset_dir = make_dataset(tmp_path, tiny_model, configure)
+    code = (f"import finetune; finetune.FILES['dataset_dir'] = {dataset_dir!r}; "
+            f"finetune.MODEL.update(name={model!r}); finetune.main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu"))
+    assert result.returncode == 1
+    assert f"finetune.py: cannot load the model '{model}' (" in result.stderr
+    assert "set MODEL['name'] in finetune.py to that folder." in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_dataset_from_another_tokenizer_is_refused(tmp_path, tiny_model, configure):
