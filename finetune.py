@@ -82,7 +82,7 @@ def main():
     facts = artifacts.read_dataset_facts(FILES["dataset_dir"])  # missing or half-written: says so
     with failures.model_within_reach(MODEL["name"]):  # from the hub or a folder: says if neither
         config = AutoConfig.from_pretrained(MODEL["name"], revision=MODEL["revision"])
-        tokenizer = AutoTokenizer.from_pretrained(MODEL["name"], revision=MODEL["revision"])  # to out/
+        tokenizer = AutoTokenizer.from_pretrained(MODEL["name"], revision=MODEL["revision"])
     artifacts.check_dataset(facts, tokenizer, MODEL["name"], config.max_position_embeddings)
     # The set-up and the disk the run needs, from measured figures: stops here if they do not fit.
     parameters, machine = plan.count_parameters(config), plan.this_machine(MACHINE)
