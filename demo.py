@@ -59,6 +59,7 @@ def main():
     print(f"\nDemo finished in {time.time() - started:.0f} s. The fine-tuned model is in "
           f"{out_dir}/.")
     print(f"Sample from it again, with infer_test.py's own prompts: python infer_test.py {out_dir}")
+    print(f"Its loss curves: {out_dir}/loss.png, and `tensorboard --logdir {out_dir}/tensorboard`.")
 
 
 def run_finetune_with_launcher():

@@ -27,4 +27,8 @@ def test_demo_runs_the_trio_end_to_end(tmp_path):
     assert re.search(r"Demo finished in \d+ s", output)
     # Everything went to demo/work/; nothing beside the user's own folders.
     assert (copy / "demo" / "work" / "out" / "model.safetensors").is_file()
+    assert "python infer_test.py demo/work/out" in output
+    assert "Its loss curves: demo/work/out/loss.png, and `tensorboard --logdir demo/work/out/tensorboard`" in output
+    assert (copy / "demo" / "work" / "out" / "loss.png").is_file()
+    assert list((copy / "demo" / "work" / "out" / "tensorboard").rglob("events.out.tfevents.*"))
     assert not (copy / "checkpoints").exists() and not (copy / "out").exists() and not (copy / "data").exists()
