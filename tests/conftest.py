@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import tiny_gptj  # noqa: E402
+from demo import free_port  # noqa: E402,F401  (the product's own, for the launcher's port)
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +37,6 @@ def write_files(root, files):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
     return root
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_finetune(settings, gpus=1, timeout=600, expect_failure=False):
