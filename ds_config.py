@@ -11,7 +11,9 @@ from pathlib import Path
 
 DS_CONFIG = {
     "zero_optimization": {
-        "stage": 3,  # ZeRO-3: parameters, gradients and optimizer state all partitioned / offloaded
+        # ZeRO-3: parameters, gradients and optimizer state all partitioned / offloaded (set-up
+        # "lora": ZeRO-2, below)
+        "stage": 3,
         # Parameters live in host RAM and visit the GPU one layer at a time: 12 GB of FP16 weights
         # off the GPU.
         "offload_param": {"device": "cpu", "pin_memory": False},
@@ -81,24 +83,35 @@ NVME_OFFLOAD = {
             "single_submit": False, "overlap_events": True},
 }
 
-# Nothing offloaded (set-ups "gpu" and "lora"): ZeRO-3 still splits the states between the GPUs.
-ON_GPU = {
-    "zero_optimization": {"offload_param": {"device": "none"},
-                          "offload_optimizer": {"device": "none"}},
+# The FP16 weights on the GPUs (set-ups "gpu", "ram-optimizer", "lora"): ZeRO-3 splits them between
+# the GPUs; none cross to and from RAM at every micro-step.
+WEIGHTS_ON_GPU = {"zero_optimization": {"offload_param": {"device": "none"}}}
+
+# The optimizer state on the GPUs too (set-ups "gpu" and "lora"): nothing offloaded.
+OPTIMIZER_ON_GPU = {
+    "zero_optimization": {"offload_optimizer": {"device": "none"}},
     # PyTorch's AdamW: DeepSpeed's own GPU Adam would be compiled with nvcc on first use.
     "optimizer": {"params": {"torch_adam": True}},
 }
 
+# LoRA with the whole model on each GPU: ZeRO-2 partitions the adapters' gradients and optimizer
+# state only, without ZeRO-3's hooks around every layer (14,401 against 12,914 tokens/s at B=12 in
+# 24 GiB, bench/RESULTS.md).
+LORA_ON_GPU = {"zero_optimization": {"stage": 2}}
+
 
 def deepspeed_config(setup, offload_dir):
-    """DS_CONFIG for plan.py's set-up: pinned host buffers where it says so, ON_GPU's or
-    NVME_OFFLOAD's entries in place of DS_CONFIG's where the states stay on the GPU or go to
-    disk."""
+    """DS_CONFIG for plan.py's set-up: pinned host buffers where it says so, the entries above in
+    place of DS_CONFIG's where the weights or the optimizer state stay on the GPU or go to disk."""
     config = copy.deepcopy(DS_CONFIG)
     zero = config["zero_optimization"]
     zero["offload_param"]["pin_memory"] = zero["offload_optimizer"]["pin_memory"] = setup["pinned"]
-    merge(config,
-          copy.deepcopy({"gpu": ON_GPU, "disk": NVME_OFFLOAD}.get(setup["optimizer_state"], {})))
+    if setup["weights"] == "gpu":
+        merge(config, copy.deepcopy(WEIGHTS_ON_GPU))
+        if setup["lora"]:
+            merge(config, copy.deepcopy(LORA_ON_GPU))
+    merge(config, copy.deepcopy({"gpu": OPTIMIZER_ON_GPU, "disk": NVME_OFFLOAD}.get(
+        setup["optimizer_state"], {})))
     if setup["optimizer_state"] == "disk":
         Path(offload_dir).mkdir(parents=True, exist_ok=True)
         zero["offload_optimizer"]["nvme_path"] = str(Path(offload_dir).resolve())

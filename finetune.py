@@ -30,17 +30,17 @@ MODEL = {
 }
 
 # Where weights and optimizer state live. "auto" picks, before anything loads, the first of these
-# that fits this machine and prints what each needs; a name forces one (README: "Which set-up").
-# Full fine-tuning: "gpu" (nothing offloaded), "ram-pinned", "ram" (offloaded to pinned or plain
-# RAM), "disk" (optimizer state in FILES["offload_dir"]: least RAM, slow). LoRA (LORA below) beside
-# a frozen model that the GPUs hold, "lora", or that RAM holds and streams to the GPU, "lora-ram".
+# that fits this machine and says why; a name forces one (README: "Which set-up"). Full: "gpu"
+# (nothing offloaded), "ram-pinned", "ram-optimizer" (weights on the GPU), "ram" (offloaded to RAM),
+# "disk" (optimizer state in FILES["offload_dir"]: least RAM, slow). LoRA (LORA below) beside a
+# frozen model that the GPUs hold, "lora" (ZeRO-2), or RAM holds and streams to them, "lora-ram".
 SETUP = "auto"
 
 LORA = {  # LoRA set-ups (PEFT): small trainable matrices beside these layers, merged at the end
     "task_type": "CAUSAL_LM",
     "r": 16,  # rank of each adapter: more = more capacity and memory
     "lora_alpha": 32,  # adapter scale (alpha / r)
-    "lora_dropout": 0.05,
+    "lora_dropout": 0.0,  # PEFT's default; 0.05 costs 2% of the speed (bench/RESULTS.md)
     "target_modules": ["q_proj", "v_proj"],  # GPT-J's attention query and value projections
 }
 
@@ -109,7 +109,7 @@ def training_arguments(deepspeed_config):
     return TrainingArguments(
         output_dir=FILES["checkpoint_dir"],  # where the Trainer writes checkpoint-<step>/ folders
         # ZeRO-3: TrainingArguments made with a ZeRO-3 config make from_pretrained build the model
-        # already partitioned (deepspeed.zero.Init): no process ever holds all 12 GB of weights.
+        # already partitioned (deepspeed.zero.Init): no process holds all 12 GB (LoRA's ZeRO-2 does)
         deepspeed=deepspeed_config,
         fp16=torch.cuda.is_available() and not TRAINING["bf16"],  # FP16: on GPUs; on CPUs FP32
         use_cpu=not torch.cuda.is_available(),

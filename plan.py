@@ -36,6 +36,14 @@ MEASURED = {
         "gpu_mib_per_sample": 737,
         "tokens_per_s": {24: 8716},  # B=26, GA 8; 9,586 in a second run
     },
+    "ram-optimizer": {
+        # 111.6 GiB, pinned: fp32 master, m, v, gradients, FP16 gradients (the weights: on the GPU)
+        "host_bytes_per_parameter": 19.8,
+        "gpu_bytes_per_parameter": 2,  # the FP16 weights, split between the GPUs
+        "gpu_mib_fixed": 4400,  # 24,047 MiB in all at B=11 (24 GiB: 11 fit)
+        "gpu_mib_per_sample": 737,  # as the other full set-ups
+        "tokens_per_s": {24: 7962},  # B=11, GA 8
+    },
     "ram": {
         # 119.5 GiB: FP16 weights and gradients, fp32 master, m, v, gradients
         "host_bytes_per_parameter": 21.2,
@@ -46,11 +54,14 @@ MEASURED = {
     },
     "lora": {
         "host_gib": 3,  # Python's and the libraries' (training peaked at 2.1 GiB)
-        "host_bytes_per_parameter": 2,  # at the end: the base model in RAM, to merge adapters into
-        "gpu_bytes_per_parameter": 2,  # the frozen FP16 weights
+        # the FP16 model read into RAM before it goes to the GPU (peak 12.2 GiB); at the end the
+        # base model again, to merge the adapters into
+        "host_bytes_per_parameter": 2,
+        "gpu_bytes_per_parameter": 2,  # the frozen FP16 weights, whole on each GPU (ZeRO-2)
         "gpu_mib_fixed": 3460,  # 16 GiB: B=1 fits, 2 does not; 24 GiB: 12 fit, 14 do not
         "gpu_mib_per_sample": 768,
-        "tokens_per_s": {16: 2033, 24: 12914},  # B=1 and B=12, GA 2
+        # B=1 (ZeRO-3, adapters' dropout 0.05) and B=12 (ZeRO-2, no dropout), GA 2
+        "tokens_per_s": {16: 2033, 24: 14783},
     },
     "lora-ram": {
         "host_gib": 3,  # Python's and the libraries' (training peaked at 13.8 GiB)
@@ -75,18 +86,22 @@ MEASURED = {
 # it; else the LoRA set-up measured fastest on a card of its size, which is far faster than the
 # optimizer state on disk and wears no SSD. "disk" runs only when asked for.
 SETUPS = {
-    "gpu": {"description": "full fine-tuning, nothing offloaded", "lora": False,
+    "gpu": {"description": "full fine-tuning, nothing offloaded", "lora": False, "weights": "gpu",
             "optimizer_state": "gpu", "pinned": False, "auto": "with a GPU"},
     "ram-pinned": {"description": "full fine-tuning, optimizer state in pinned RAM", "lora": False,
-                   "optimizer_state": "ram", "pinned": True, "auto": "with a GPU"},
+                   "weights": "ram", "optimizer_state": "ram", "pinned": True,
+                   "auto": "with a GPU"},
+    "ram-optimizer": {"description": "full fine-tuning, weights on the GPU, optimizer state in "
+                                     "pinned RAM", "lora": False, "weights": "gpu",
+                      "optimizer_state": "ram", "pinned": True, "auto": "with a GPU"},
     "ram": {"description": "full fine-tuning, optimizer state in RAM", "lora": False,
-            "optimizer_state": "ram", "pinned": False, "auto": True},
+            "weights": "ram", "optimizer_state": "ram", "pinned": False, "auto": True},
     "lora": {"description": "LoRA adapters, the frozen FP16 model on the GPU", "lora": True,
-             "optimizer_state": "gpu", "pinned": False, "auto": True},
+             "weights": "gpu", "optimizer_state": "gpu", "pinned": False, "auto": True},
     "lora-ram": {"description": "LoRA adapters, the frozen FP16 model in pinned RAM", "lora": True,
-                 "optimizer_state": "ram", "pinned": True, "auto": True},
+                 "weights": "ram", "optimizer_state": "ram", "pinned": True, "auto": True},
     "disk": {"description": "full fine-tuning, optimizer state on disk", "lora": False,
-             "optimizer_state": "disk", "pinned": False, "auto": False},
+             "weights": "ram", "optimizer_state": "disk", "pinned": False, "auto": False},
 }
 
 
@@ -133,9 +148,10 @@ def host_ram_needed(name, parameters, processes=1):
 
 def gpu_mib_needed(name, samples, block_size, gpus=1, parameters=MEASURED["parameters"]):
     """GPU memory a set-up measured as a fixed part + a part per sample needs for `samples` a
-    device."""
+    device. ZeRO-3 splits the states between the GPUs; LoRA's ZeRO-2 keeps the model whole."""
     measured = MEASURED[name]
-    states_mib = measured.get("gpu_bytes_per_parameter", 0) * parameters / gpus / 2**20
+    splitting = 1 if SETUPS[name]["lora"] else gpus
+    states_mib = measured.get("gpu_bytes_per_parameter", 0) * parameters / splitting / 2**20
     return (measured["gpu_mib_fixed"] + states_mib
             + samples * measured["gpu_mib_per_sample"] * block_size / 2048)
 
@@ -147,7 +163,7 @@ def largest_batch(name, gpu_gib, block_size, gpus=1, parameters=MEASURED["parame
     more samples."""
     measured = MEASURED[name]
     per_sample = measured["gpu_mib_per_sample"] * block_size / 2048
-    if "gpu_mib_fixed" in measured:  # ZeRO-3 splits the states between the GPUs
+    if "gpu_mib_fixed" in measured:  # a fixed part, the states (split between GPUs), the samples
         return max(0, int((gpu_gib * 1024 - gpu_mib_needed(name, 0, block_size, gpus, parameters))
                           // per_sample))
     cards = sorted(measured["largest_batch"].items())
@@ -253,7 +269,7 @@ def table(options, machine):
             state += " (only when asked for)"
         elif option["auto"] is not True and not machine["gpu_memory_gib"]:
             state += " (auto: with a GPU only)"
-        rows.append(f"  {option['name']:<11} {option['description']}: {state}")
+        rows.append(f"  {option['name']:<13} {option['description']}: {state}")
     return "\n".join(rows)
 
 

@@ -59,6 +59,19 @@ POINTS = {
     "ram-24": dict(setup="ram", budget=24, batch=26, accumulation=8, steps=2),
     "ram-24-save": dict(setup="ram", budget=24, batch=26, accumulation=8, steps=2, host_limit_gib=120, save=True),
     "ram-pinned-24": dict(setup="ram-pinned", budget=24, batch=26, accumulation=8, steps=2, host_limit_gib=124),
+    # Two ways under 112 GiB of host RAM (#12), both with the optimizer state in RAM: the FP16 weights
+    # kept on the GPU (11.3 GiB), or Twin-Flow's `ratio` (the first 10% of the optimizer sub-groups on
+    # the GPU, 16 bytes a parameter there; sub-groups of 1e8 parameters so that 10% is 6 of 61).
+    "ram-weights-gpu-24": dict(setup="ram", budget=24, batch=11, accumulation=8, steps=2, host_limit_gib=120,
+                               ds={"zero_optimization": {"offload_param": {"device": "none"}}}),
+    "ram-weights-gpu-pinned-24": dict(setup="ram-pinned", budget=24, batch=11, accumulation=8, steps=2,
+                                      host_limit_gib=120,
+                                      ds={"zero_optimization": {"offload_param": {"device": "none"}}}),
+    "ram-optimizer-24": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
+                             host_limit_gib=120),
+    "ram-twinflow-24": dict(setup="ram", budget=24, batch=14, accumulation=8, steps=2, host_limit_gib=120,
+                            ds={"zero_optimization": {"offload_optimizer": {"ratio": 0.9},
+                                                      "sub_group_size": 1e8}}),
     "orig-24": dict(setup="original", budget=24, batch=7, accumulation=18, steps=2, ds=ORIGINAL_DS),
     "ram-16": dict(setup="ram", budget=16, batch=14, accumulation=2, steps=1),
     "ram-12": dict(setup="ram", budget=12, batch=10, accumulation=2, steps=1),
@@ -68,6 +81,12 @@ POINTS = {
     "gpu": dict(setup="gpu", budget=None, batch=22, accumulation=4, steps=2),
     # LoRA r=16 on q, v (finetune.py's LORA), through ZeRO-3: the model on the GPU, or streamed from RAM.
     "lora-24": dict(setup="lora", budget=24, batch=12, accumulation=2, steps=2),
+    # Two levers for LoRA's speed at 24 GiB: ZeRO-2 (no ZeRO-3 hooks around every layer; the model fits
+    # the card whole) and no dropout on the adapters' input (torchtune's LoRA default).
+    "lora-24-zero2": dict(setup="lora", budget=24, batch=12, accumulation=2, steps=2,
+                          ds={"zero_optimization": {"stage": 2}}),
+    "lora-24-nodropout": dict(setup="lora", budget=24, batch=12, accumulation=2, steps=2,
+                              lora={"lora_dropout": 0.0}),
     "lora-16": dict(setup="lora", budget=16, batch=2, accumulation=2, steps=2),
     "lora-ram-16": dict(setup="lora-ram", budget=16, batch=15, accumulation=2, steps=2, host_limit_gib=32),
     "lora-ram-8": dict(setup="lora-ram", budget=8, batch=4, accumulation=2, steps=2, host_limit_gib=32),
@@ -81,6 +100,8 @@ POINTS = {
     "smoke-cpu": dict(setup="ram", budget=24, batch=2, accumulation=3, steps=2, config=TINY, save=True),
     "smoke-cpu-gpu": dict(setup="gpu", budget=None, batch=2, accumulation=3, steps=2, config=TINY),
     "smoke-cpu-disk": dict(setup="disk", budget=24, batch=2, accumulation=3, steps=2, config=TINY, host_limit_gib=8),
+    "smoke-cpu-ram-optimizer": dict(setup="ram-optimizer", budget=24, batch=2, accumulation=3, steps=2,
+                                    config=TINY),
     "smoke-cpu-lora": dict(setup="lora", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
     "smoke-cpu-lora-ram": dict(setup="lora-ram", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
     "smoke-cpu-orig": dict(setup="original", budget=24, batch=2, accumulation=3, steps=2, config=TINY, ds=ORIGINAL_DS),
@@ -216,6 +237,8 @@ def describe(name, point):
         "loss": "model's own" if point["setup"] == "original" else "memory_savers.causal_lm_loss (in chunks)",
         "activation": "gelu_new" if point["setup"] == "original" else "gelu_pytorch_tanh",
         "command": f"python bench/gpu_bench.py {name}",
+        **({"ds_overrides": point["ds"]} if point.get("ds") and point["setup"] != "original" else {}),
+        **({"lora_overrides": point["lora"]} if point.get("lora") else {}),
     }
 
 
@@ -250,7 +273,8 @@ def run_point(name):
                              max_steps=point["steps"], logging_steps=1)
     arguments = finetune.training_arguments(config)
     arguments.report_to = []  # no TensorBoard files for a benchmark
-    model = build_gptj(arguments, point.get("config", {}), setup["lora"], one_kernel_gelu=not original)
+    lora = {**finetune.LORA, **point.get("lora", {})} if setup["lora"] else None
+    model = build_gptj(arguments, point.get("config", {}), lora, one_kernel_gelu=not original)
     samples = random_samples(batch * point["accumulation"] * point["steps"] * gpus, model.config.vocab_size)
     disk_folder = NVME_PATH if setup["name"] == "disk" else None
     watcher, timer, started = MemoryWatcher(rank, disk_folder), StepTimer(), time.time()
@@ -324,7 +348,8 @@ def measure(point, batch, gpus, model, timer, watcher, started):
 
 def build_gptj(arguments, overrides, lora, one_kernel_gelu=True):
     """GPT-J-6B's architecture with random weights (seeded: every point starts from the same model), FP16,
-    built partitioned (zero.Init) as from_pretrained would; LoRA adds finetune.py's adapters as it does."""
+    built partitioned (zero.Init) as from_pretrained would; LoRA (finetune.py's LORA dict, or None) adds
+    the adapters as finetune.py does."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPTJConfig
@@ -339,7 +364,7 @@ def build_gptj(arguments, overrides, lora, one_kernel_gelu=True):
     dtype = torch.float16 if arguments.fp16 else torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if lora:  # as finetune.load_model
-        model = get_peft_model(model, LoraConfig(**finetune.LORA), autocast_adapter_dtype=False)
+        model = get_peft_model(model, LoraConfig(**lora), autocast_adapter_dtype=False)
     return model
 
 
@@ -462,5 +487,8 @@ if __name__ == "__main__":
     if "--point" in sys.argv:  # a point's own process (the launcher may add --local_rank=N first)
         StepTimer = step_timer_class()
         run_point(sys.argv[sys.argv.index("--point") + 1])
+        import failures
+
+        failures.leave_together()  # as finetune.main() ends: left open, exit hung ~5 min, then aborted
     else:
         main(sys.argv[1:])
