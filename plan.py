@@ -53,7 +53,7 @@ MEASURED = {
         "tokens_per_s": {24: 6513},  # B=26, GA 8
     },
     "lora": {
-        "host_gib": 3,  # Python's and the libraries' (training peaked at 2.1 GiB)
+        "host_gib": 3,  # Python's and the libraries'
         # the FP16 model read into RAM before it goes to the GPU (peak 12.2 GiB); at the end the
         # base model again, to merge the adapters into
         "host_bytes_per_parameter": 2,
