@@ -84,7 +84,7 @@ NVME_OFFLOAD = {
 }
 
 # The FP16 weights on the GPUs (set-ups "gpu", "ram-optimizer", "lora"): ZeRO-3 splits them between
-# the GPUs; none cross to and from RAM at every micro-step.
+# the GPUs (LoRA's ZeRO-2 does not); none cross to and from RAM at every micro-step.
 WEIGHTS_ON_GPU = {"zero_optimization": {"offload_param": {"device": "none"}}}
 
 # The optimizer state on the GPUs too (set-ups "gpu" and "lora"): nothing offloaded.

@@ -139,18 +139,26 @@ def meminfo(field):
 
 def host_ram_needed(name, parameters, processes=1):
     """GiB of host RAM at peak for a set-up, for all of this machine's GPU processes: ZeRO-3 splits
-    the optimizer state between them, so each more GPU adds little."""
+    the optimizer state between them, so each more GPU adds little; under ZeRO-2 each reads the
+    whole model."""
     measured = MEASURED[name]
+    copies = processes if whole_model_on_each_gpu(name) else 1
     return (measured.get("host_gib", 0)
-            + measured.get("host_bytes_per_parameter", 0) * parameters / 2**30
+            + measured.get("host_bytes_per_parameter", 0) * parameters * copies / 2**30
             + MEASURED["host_gib_per_more_gpu"] * (processes - 1))
+
+
+def whole_model_on_each_gpu(name):
+    """LoRA with the model on the GPUs runs ZeRO-2 (ds_config.LORA_ON_GPU), which does not split
+    the weights."""
+    return SETUPS[name]["lora"] and SETUPS[name]["weights"] == "gpu"
 
 
 def gpu_mib_needed(name, samples, block_size, gpus=1, parameters=MEASURED["parameters"]):
     """GPU memory a set-up measured as a fixed part + a part per sample needs for `samples` a
     device. ZeRO-3 splits the states between the GPUs; LoRA's ZeRO-2 keeps the model whole."""
     measured = MEASURED[name]
-    splitting = 1 if SETUPS[name]["lora"] else gpus
+    splitting = 1 if whole_model_on_each_gpu(name) else gpus
     states_mib = measured.get("gpu_bytes_per_parameter", 0) * parameters / splitting / 2**20
     return (measured["gpu_mib_fixed"] + states_mib
             + samples * measured["gpu_mib_per_sample"] * block_size / 2048)

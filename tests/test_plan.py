@@ -171,6 +171,8 @@ def test_lora_on_the_gpu_runs_zero_2_with_nothing_offloaded():
     # ZeRO-2 keeps the whole model on each GPU: a second GPU leaves no more room for samples.
     assert plan.largest_batch("lora", 24, 2048, gpus=2) == plan.largest_batch("lora", 24, 2048) == 12
     assert plan.largest_batch("ram-optimizer", 24, 2048, gpus=2) > 11  # ZeRO-3 splits the weights
+    # ... and each GPU's process reads the whole model into RAM first (12.2 GiB measured with one).
+    assert plan.host_ram_needed("lora", GPTJ_6B, processes=2) == pytest.approx(3 + 2 * 11.27 + 2.5, abs=0.1)
     lora_ram = ds_config.deepspeed_config(choose("lora-ram", 64, 24), "unused")["zero_optimization"]
     assert lora_ram["stage"] == 3 and lora_ram["offload_param"] == {"device": "cpu", "pin_memory": True}
 
