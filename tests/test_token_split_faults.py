@@ -93,10 +93,14 @@ def child(tmp_path, tiny_model):
             drop = "-dac_override,-dac_read_search,-fowner"
             command = ["setpriv", "--bounding-set", drop, *command]
         environment = {**os.environ, **(env or {})}
+        # Ctrl-C as a terminal delivers it, even where these tests run as a background job (which
+        # starts with SIGINT ignored, and Python then keeps it ignored).
+        default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
         if not wait:
             return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-        return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+                                    stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+        return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300,
+                              preexec_fn=default_sigint)
     return start
 
 
