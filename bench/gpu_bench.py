@@ -29,7 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import plan  # noqa: E402  (the product's own helpers)
+import failures  # noqa: E402  (the product's own helpers)
+import plan  # noqa: E402
 from demo import free_port  # noqa: E402
 
 OUTSIDE_ALLOCATOR_GIB = 2.2  # measured: the DeepSpeed process holds 1.65-2.2 GiB outside PyTorch's allocator
@@ -79,7 +80,7 @@ POINTS = {
     "ram-24x2": dict(setup="ram", budget=24, batch=26, accumulation=8, steps=2, gpus=2),
     # Nothing offloaded: the whole card (139 GiB on an H200); PyTorch's AdamW on the GPU.
     "gpu": dict(setup="gpu", budget=None, batch=22, accumulation=4, steps=2),
-    # LoRA r=16 on q, v (finetune.py's LORA), through ZeRO-3: the model on the GPU, or streamed from RAM.
+    # LoRA r=16 on q, v (finetune.py's LORA): the model on the GPU (ZeRO-2), or streamed from RAM (ZeRO-3).
     "lora-24": dict(setup="lora", budget=24, batch=12, accumulation=2, steps=2),
     # Two levers for LoRA's speed at 24 GiB: ZeRO-2 (no ZeRO-3 hooks around every layer; the model fits
     # the card whole) and no dropout on the adapters' input (torchtune's LoRA default).
@@ -487,8 +488,6 @@ if __name__ == "__main__":
     if "--point" in sys.argv:  # a point's own process (the launcher may add --local_rank=N first)
         StepTimer = step_timer_class()
         run_point(sys.argv[sys.argv.index("--point") + 1])
-        import failures
-
         failures.leave_together()  # as finetune.main() ends: left open, exit hung ~5 min, then aborted
     else:
         main(sys.argv[1:])
