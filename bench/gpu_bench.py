@@ -36,6 +36,8 @@ from demo import free_port  # noqa: E402
 OUTSIDE_ALLOCATOR_GIB = 2.2  # measured: the DeepSpeed process holds 1.65-2.2 GiB outside PyTorch's allocator
 PEAK_FLOPS = 790e12  # measured dense bf16/fp16 matmul rate of the H200 (8192^3 products)
 SEQ_LEN = 2048
+ZIPF_EXPONENT = 1.1  # English words' is about 1
+ZIPF_SAMPLES = f"tokens drawn independently with P(k-th commonest) ~ 1/k^{ZIPF_EXPONENT}"
 
 # The original project's settings, from its README and ds_config: ZeRO-3, params and optimizer offloaded,
 # no pinned memory, FP16 starting at loss scale 2^12, DeepSpeed's WarmupLR, B=7 in 24 GiB with
@@ -92,6 +94,12 @@ POINTS = {
     "lora-ram-16": dict(setup="lora-ram", budget=16, batch=15, accumulation=2, steps=2, host_limit_gib=32),
     "lora-ram-8": dict(setup="lora-ram", budget=8, batch=4, accumulation=2, steps=2, host_limit_gib=32),
     "lora-ram-12": dict(setup="lora-ram", budget=12, batch=10, accumulation=2, steps=2, host_limit_gib=32),
+    # Does the small-card set-up learn? Random tokens cannot be learnt; Zipf-distributed ones (a few tokens
+    # common, most rare, as in text) can, so the loss of fresh samples falls where training works. At a
+    # LoRA learning rate: TRAINING's 1e-5 suits full fine-tuning (on the CPU's tiny GPT-J, 12 steps at 1e-5
+    # moved the loss by 0.003, at 2e-4 by 0.014).
+    "lora-ram-8-learn": dict(setup="lora-ram", budget=8, batch=4, accumulation=2, steps=24, host_limit_gib=32,
+                             data="zipf", training={"learning_rate": 2e-4}),
     # The optimizer state on disk, in a 64 GiB memory limit. The 64 GiB disk of the one-GPU machine cannot
     # hold GPT-J's 97 GB of files: "disk-24-14l" is GPT-J with 14 of its 28 layers (files ~48 GB).
     "disk-24": dict(setup="disk", budget=24, batch=26, accumulation=8, steps=2, host_limit_gib=64),
@@ -108,6 +116,8 @@ POINTS = {
                                     config=TINY),
     "smoke-cpu-lora": dict(setup="lora", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
     "smoke-cpu-lora-ram": dict(setup="lora-ram", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
+    "smoke-cpu-lora-ram-learn": dict(setup="lora-ram", budget=24, batch=2, accumulation=2, steps=12, config=TINY,
+                                     data="zipf", training={"learning_rate": 2e-4}),
     "smoke-cpu-orig": dict(setup="original", budget=24, batch=2, accumulation=3, steps=2, config=TINY, ds=ORIGINAL_DS),
 }
 
@@ -241,8 +251,10 @@ def describe(name, point):
         "loss": "model's own" if point["setup"] == "original" else "memory_savers.causal_lm_loss (in chunks)",
         "activation": "gelu_new" if point["setup"] == "original" else "gelu_pytorch_tanh",
         "command": f"python bench/gpu_bench.py {name}",
+        "samples": ZIPF_SAMPLES if point.get("data") == "zipf" else "uniformly random tokens",
         **({"ds_overrides": point["ds"]} if point.get("ds") and point["setup"] != "original" else {}),
         **({"lora_overrides": point["lora"]} if point.get("lora") else {}),
+        **({"training_overrides": point["training"]} if point.get("training") else {}),
     }
 
 
@@ -274,12 +286,13 @@ def run_point(name):
     record["pin_memory"] = config["zero_optimization"]["offload_param"].get("pin_memory")
     batch = point["batch"]
     finetune.TRAINING.update(per_device_train_batch_size=batch, gradient_accumulation_steps=point["accumulation"],
-                             max_steps=point["steps"], logging_steps=1)
+                             max_steps=point["steps"], logging_steps=1, **point.get("training", {}))
     arguments = finetune.training_arguments(config)
     arguments.report_to = []  # no TensorBoard files for a benchmark
     lora = {**finetune.LORA, **point.get("lora", {})} if setup["lora"] else None
     model = build_gptj(arguments, point.get("config", {}), lora, one_kernel_gelu=not original)
-    samples = random_samples(batch * point["accumulation"] * point["steps"] * gpus, model.config.vocab_size)
+    samples = random_samples(batch * point["accumulation"] * point["steps"] * gpus, model.config.vocab_size,
+                             zipf=point.get("data") == "zipf")
     disk_folder = NVME_PATH if setup["name"] == "disk" else None
     watcher, timer, started = MemoryWatcher(rank, disk_folder), StepTimer(), time.time()
     try:
@@ -377,12 +390,20 @@ def model_parameters(model):
     return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())  # 6.05e9
 
 
-def random_samples(count, vocab_size):
+def random_samples(count, vocab_size, zipf=False):
+    """count samples of SEQ_LEN tokens, each new: uniformly random, or drawn from a Zipf distribution
+    (ZIPF_SAMPLES) over the vocabulary in a random order."""
     import torch
     from datasets import Dataset, DatasetDict
 
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab_size, (count, SEQ_LEN), generator=generator).tolist()
+    if zipf:
+        rank_of_token = torch.randperm(vocab_size, generator=generator)
+        probabilities = 1.0 / (rank_of_token + 1.0) ** ZIPF_EXPONENT
+        ids = torch.multinomial(probabilities, count * SEQ_LEN, replacement=True, generator=generator)
+        ids = ids.view(count, SEQ_LEN).tolist()
+    else:
+        ids = torch.randint(0, vocab_size, (count, SEQ_LEN), generator=generator).tolist()
     train = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * SEQ_LEN] * count, "labels": ids})
     return DatasetDict({"train": train, "validation": train.select([])})
 
