@@ -111,7 +111,7 @@ POINTS = {
     "lora-ram-8-learn": dict(setup="lora-ram", budget=8, batch=4, accumulation=2, steps=24, host_limit_gib=32,
                              data="zipf", training={"learning_rate": 2e-4}),
     # The optimizer state on disk, in a 64 GiB memory limit. The 64 GiB disk of the one-GPU machine cannot
-    # hold GPT-J's 97 GB of files: "disk-24-14l" is GPT-J with 14 of its 28 layers (files ~48 GB).
+    # hold GPT-J's 97 GB of files: "disk-24-14l" is GPT-J with 14 of its 28 layers (51.7 GB of files).
     "disk-24": dict(setup="disk", budget=24, batch=26, accumulation=8, steps=2, host_limit_gib=64),
     # GA 4 to fit the device call's 10 minutes; other GAs follow from its micro-step and optimizer step.
     "disk-24-14l": dict(setup="disk", budget=24, batch=26, accumulation=4, steps=2, host_limit_gib=64,
