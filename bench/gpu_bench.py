@@ -75,13 +75,17 @@ POINTS = {
     # SuperOffload (#13): CPU Adam steps each sub-group as soon as its gradients are complete in the last
     # backward; DeepSpeed 0.19.8 does that only without gradient clipping. Its reference, for speed and for
     # the losses step by step: the same settings without it (ram-optimizer-24-noclip).
-    "ram-optimizer-24-noclip": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=3,
+    # Both start at loss scale 2^31, where FP16 gradients overflow for certain: the first steps must be
+    # caught and skipped (the scale halves) alike, and the losses after them must agree.
+    "ram-optimizer-24-noclip": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=4,
                                     host_limit_gib=120, training={"max_grad_norm": 0.0},
-                                    ds={"zero_optimization": {"sub_group_size": 1e8}}),
-    "ram-optimizer-24-superoffload": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=3,
+                                    ds={"zero_optimization": {"sub_group_size": 1e8},
+                                        "fp16": {"initial_scale_power": 31}}),
+    "ram-optimizer-24-superoffload": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=4,
                                           host_limit_gib=120, training={"max_grad_norm": 0.0},
                                           ds={"zero_optimization": {"offload_optimizer": {"super_offload": True},
-                                                                    "sub_group_size": 1e8}}),
+                                                                    "sub_group_size": 1e8},
+                                              "fp16": {"initial_scale_power": 31}}),
     "ram-twinflow-24": dict(setup="ram", budget=24, batch=14, accumulation=8, steps=2, host_limit_gib=120,
                             ds={"zero_optimization": {"offload_optimizer": {"ratio": 0.9},
                                                       "sub_group_size": 1e8}}),
@@ -364,6 +368,7 @@ def measure(point, batch, gpus, model, timer, watcher, started):
         "host_rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
         "host_rss_at_gib": timer.rss_at,  # after the engine was built, after each optimizer step
         "disk_io_at_gb": timer.disk_io_at,  # read and written so far, at the same moments
+        "loss_scale_at": timer.loss_scale_at,  # FP16's scale after each step: halved = overflow caught, skipped
         "host_available_min_gib": round(watcher.min_available / 2**30, 1),
         "host_used_peak_gib": round((plan.meminfo("MemTotal") - watcher.min_available) / 2**30, 1),  # all ranks
         "nvme_peak_gb": round(watcher.peak_disk / 1e9, 1) if watcher.disk_folder else None,
@@ -482,6 +487,14 @@ def disk_io_gb():
     return {"read": round(int(fields["read_bytes"]) / 1e9, 2), "written": round(int(fields["write_bytes"]) / 1e9, 2)}
 
 
+def loss_scale(optimizer):
+    """FP16's current loss scale, from the DeepSpeed optimizer inside the Trainer's wrappers (None without)."""
+    while optimizer is not None and not hasattr(optimizer, "loss_scale"):
+        optimizer = getattr(optimizer, "optimizer", None)
+    scale = getattr(optimizer, "loss_scale", None)
+    return float(scale) if scale is not None else None
+
+
 def step_timer_class():
     from transformers import TrainerCallback
 
@@ -491,7 +504,7 @@ def step_timer_class():
 
         def __init__(self):
             self.micro_steps, self.logs, self.last, self.forward_s = [], [], None, 0.0
-            self.rss_at, self.disk_io_at = {}, {}
+            self.rss_at, self.disk_io_at, self.loss_scale_at = {}, {}, {}
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             model.register_forward_pre_hook(lambda *_: setattr(self, "forward_started", self.now()))
@@ -504,10 +517,11 @@ def step_timer_class():
         def on_substep_end(self, args, state, control, **kwargs):
             self.record(state.global_step + 1, boundary=False)
 
-        def on_step_end(self, args, state, control, **kwargs):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
             self.record(state.global_step, boundary=True)
             self.rss_at[f"step {state.global_step}"] = rss_gib()
             self.disk_io_at[f"step {state.global_step}"] = disk_io_gb()
+            self.loss_scale_at[f"step {state.global_step}"] = loss_scale(optimizer)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             self.logs.append(dict(logs or {}))
