@@ -74,19 +74,28 @@ POINTS = {
                              host_limit_gib=120),
     # SuperOffload (#13): CPU Adam steps each sub-group as soon as its gradients are complete in the last
     # backward; DeepSpeed 0.19.8 does that only without gradient clipping. Its reference, for speed and for
-    # the losses step by step: the same settings without it (ram-optimizer-24-noclip).
-    # Both start at loss scale 2^29, where FP16's gradients overflowed here (2^16 does not), halving at
-    # each overflow (hysteresis 1): the first steps must be caught and skipped alike, and the losses
-    # after them agree. The last step, reported, should be a clean one: check its loss scale.
-    "ram-optimizer-24-noclip": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=8,
+    # the losses step by step: the same settings without it (ram-optimizer-24-noclip). Both at FP16's
+    # default loss scale, 2^16, where no step of this model overflowed.
+    "ram-optimizer-24-noclip": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=5,
                                     host_limit_gib=120, training={"max_grad_norm": 0.0},
-                                    ds={"zero_optimization": {"sub_group_size": 1e8},
-                                        "fp16": {"initial_scale_power": 29, "hysteresis": 1}}),
-    "ram-optimizer-24-superoffload": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=8,
+                                    ds={"zero_optimization": {"sub_group_size": 1e8}}),
+    "ram-optimizer-24-superoffload": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=5,
                                           host_limit_gib=120, training={"max_grad_norm": 0.0},
                                           ds={"zero_optimization": {"offload_optimizer": {"super_offload": True},
-                                                                    "sub_group_size": 1e8},
-                                              "fp16": {"initial_scale_power": 29, "hysteresis": 1}}),
+                                                                    "sub_group_size": 1e8}}),
+    # An FP16 overflow under SuperOffload: sub-groups already stepped with the overflowed gradients are
+    # rolled back. From 2^29 (2^29 overflowed here) halving at each overflow: a caught overflow skips the
+    # step, so the losses equal those of the unchanged model (the -noclip point's first, then the
+    # -noclip-overflow point's).
+    "ram-optimizer-24-noclip-overflow": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=3,
+                                             host_limit_gib=120, training={"max_grad_norm": 0.0},
+                                             ds={"zero_optimization": {"sub_group_size": 1e8},
+                                                 "fp16": {"initial_scale_power": 29, "hysteresis": 1}}),
+    "ram-optimizer-24-superoffload-overflow": dict(
+        setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=3, host_limit_gib=120,
+        training={"max_grad_norm": 0.0},
+        ds={"zero_optimization": {"offload_optimizer": {"super_offload": True}, "sub_group_size": 1e8},
+            "fp16": {"initial_scale_power": 29, "hysteresis": 1}}),
     "ram-twinflow-24": dict(setup="ram", budget=24, batch=14, accumulation=8, steps=2, host_limit_gib=120,
                             ds={"zero_optimization": {"offload_optimizer": {"ratio": 0.9},
                                                       "sub_group_size": 1e8}}),
