@@ -66,11 +66,10 @@ MEASURED = {
     "lora-ram": {
         "host_gib": 3,  # Python's and the libraries' (training peaked at 13.8 GiB)
         "host_bytes_per_parameter": 4,  # frozen FP16 weights, pinned; at the end the model to merge
-        # held over 24 steps at 8 and 12 GiB (B=4 and 10 fitted 2 steps, then ran out of memory); 16 GiB:
-        # 2 steps
+        # each held over 24 steps (at 8 and 12 GiB, B=4 and 10 fitted 2 steps, then ran out of memory)
         "largest_batch": {8: 3, 12: 9, 16: 15},
         "gpu_mib_per_sample": 820,
-        "tokens_per_s": {8: 3950, 12: 11060, 16: 12102},  # at those batches, GA 2
+        "tokens_per_s": {8: 3950, 12: 11060, 16: 12547},  # at those batches, GA 2
     },
     "disk": {
         "host_bytes_per_parameter": 8.92,  # 50.3 GiB: FP16 weights and gradients; the rest in files

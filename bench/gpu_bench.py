@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -128,6 +129,8 @@ POINTS = {
     # 12 GiB batch, measured over 2 steps like 8 GiB's, is held over 24 here.
     "lora-ram-12-learn": dict(setup="lora-ram", budget=12, batch=10, accumulation=2, steps=24, host_limit_gib=32,
                               data="zipf", training={"learning_rate": 2e-4}),
+    "lora-ram-16-learn": dict(setup="lora-ram", budget=16, batch=15, accumulation=2, steps=24, host_limit_gib=32,
+                              data="zipf", training={"learning_rate": 2e-4}),
     # The optimizer state on disk, in a 64 GiB memory limit. The 64 GiB disk of the one-GPU machine cannot
     # hold GPT-J's 97 GB of files: "disk-24-14l" is GPT-J with 14 of its 28 layers (51.7 GB of files).
     "disk-24": dict(setup="disk", budget=24, batch=26, accumulation=8, steps=2, host_limit_gib=64),
@@ -185,12 +188,18 @@ def run_in_own_process(name):
     limit = host_limit(point.get("host_limit_gib"), environment)
     started = time.time()
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, preexec_fn=limit["enter"] if limit else None)
+                               text=True, preexec_fn=limit["enter"] if limit else None, start_new_session=True)
     lines = []
-    for line in process.stdout:  # the point's own log as it runs: a device call cut short keeps it
-        print(line, end="", file=sys.stderr, flush=True)
-        lines.append(line)
+    reader = threading.Thread(target=echo_lines, args=(process.stdout, lines), daemon=True)
+    reader.start()
     returncode = process.wait()
+    # A child the point started (SuperOffload's CPU Adam worker) outlives a killed point and holds its log
+    # open: end the point's whole process group, so that its log ends too.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    reader.join()
     records = [json.loads(line.partition("BENCH_RECORD ")[2]) for line in lines if "BENCH_RECORD " in line]
     tail = "".join(lines)[-3000:]
     if not records or records[-1]["ok"] and returncode != 0:  # died before or after its last record
@@ -200,6 +209,13 @@ def run_in_own_process(name):
         if limit:
             record["host_limit"] = limit["describe"]()
     return records
+
+
+def echo_lines(stream, lines):
+    """The point's own log as it runs (a device call cut short keeps it), and kept for its records."""
+    for line in stream:
+        print(line, end="", file=sys.stderr, flush=True)
+        lines.append(line)
 
 
 def host_limit(limit_gib, environment):
