@@ -5,7 +5,9 @@ the OOM killer or a power cut does), sent by the run to itself at a chosen momen
 """
 
 import json
+import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -78,13 +80,18 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model, dataset, un
     assert not (tmp_path / "out.partial").exists()
 
 
-def test_optimizer_state_on_disk_gives_the_same_model_and_resumes(tmp_path, configure):
+def test_optimizer_state_on_disk_gives_the_same_model_and_resumes(tmp_path, configure, monkeypatch):
     """SETUP "disk" (ZeRO-Infinity): the optimizer state lives in files, the arithmetic is the in-RAM run's.
     DeepSpeed keeps state under 1 MiB in RAM, so this tiny GPT-J is twice as wide (~0.7 M parameters, 2.7 MB)."""
     from deepspeed.accelerator import get_accelerator
 
-    if not get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible():
+    async_io = get_accelerator().create_op_builder("AsyncIOBuilder")
+    if not async_io.is_compatible():
         pytest.skip("DeepSpeed's async I/O op needs libaio (./make-venv.sh fetches it; or apt install libaio-dev)")
+    # Compiled on first use (3-8 minutes on 2 cores): here, into the runs' cache, not inside a run's time limit.
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", extensions)
+    async_io.load()
     wide_model = tiny_gptj.build(REPO / "demo" / "text", str(tmp_path / "tiny-wide"), {**tiny_gptj.TINY, "n_embd": 128})
     dataset_dir = make_dataset(tmp_path, wide_model, configure)
     in_ram, on_disk, killed = tmp_path / "in-ram", tmp_path / "on-disk", tmp_path / "killed"
