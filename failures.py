@@ -140,8 +140,8 @@ def explained(trainer, checkpoint_dir, training, largest_batch):
         if "loss scale already at minimum" not in str(error):
             raise
         stop("FP16 overflowed on every step until DeepSpeed's loss scale hit its minimum (the loss "
-             "became inf/nan). Lower TRAINING['learning_rate'], or set TRAINING['bf16'] = True on "
-             "a card with bf16", trainer, checkpoint_dir)
+             "became inf/nan). Lower the learning rate (TRAINING's, LoRA: LORA_TRAINING's), or set "
+             "TRAINING['bf16'] = True on a card with bf16", trainer, checkpoint_dir)
 
 
 def stop(reason, trainer, checkpoint_dir):

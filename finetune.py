@@ -43,6 +43,9 @@ LORA = {  # LoRA set-ups (PEFT): small trainable matrices beside these layers, m
     "lora_dropout": 0.0,  # PEFT's default; 0.05 costs 2% of the speed (bench/RESULTS.md)
     "target_modules": ["q_proj", "v_proj"],  # GPT-J's attention query and value projections
 }
+LORA_TRAINING = {  # LoRA set-ups: these replace TRAINING's entries of the same name
+    "learning_rate": 2e-4,  # a few adapters that start at zero want far larger steps than all 6B weights
+}
 
 FILES = {
     "dataset_dir": "data/tokenized",  # written by `python token_split.py`
@@ -64,7 +67,7 @@ TRAINING = {  # passed straight to transformers.TrainingArguments
     "per_device_eval_batch_size": 1,  # costs what a training sample does; larger evaluates faster
     "gradient_accumulation_steps": 8,  # micro-steps per optimizer step; costs time, not memory
     "num_train_epochs": 1,  # passes over the training samples
-    "learning_rate": 1e-5,  # peak LR; a 6B model wants small steps (FP16 overflows above ~1e-4)
+    "learning_rate": 1e-5,  # peak LR of full FT: all 6B weights move (FP16 overflows above ~1e-4)
     "lr_scheduler_type": "cosine",  # decays to 0 at the last step, however few steps there are
     "warmup_steps": 0,  # optimizer steps of linear warm-up from LR 0 (if < 1: a fraction of all)
     "weight_decay": 0.0,
@@ -87,11 +90,12 @@ def main():
     # The set-up and the disk the run needs, from measured figures: stops here if they do not fit.
     parameters, machine = plan.count_parameters(config), plan.this_machine(MACHINE)
     setup = plan.choose_setup(SETUP, parameters, facts["block_size"], TRAINING, machine)
+    training = {**TRAINING, **LORA_TRAINING} if setup["lora"] else TRAINING
     disk_plan = plan.check_disk(parameters, setup, FILES, CHECKPOINTS, torch.cuda.is_available())
-    arguments = training_arguments(ds_config.deepspeed_config(setup, FILES["offload_dir"]))
+    arguments = training_arguments(ds_config.deepspeed_config(setup, FILES["offload_dir"]), training)
     samples = load_from_disk(FILES["dataset_dir"])
     gpus, first = arguments.world_size, arguments.process_index == 0  # shared checkpoint_dir
-    run = checkpoints.run_identity(facts, MODEL["name"], TRAINING, setup, LORA, gpus)
+    run = checkpoints.run_identity(facts, MODEL["name"], training, setup, LORA, gpus)
     checkpoint = checkpoints.resume_point(FILES["checkpoint_dir"], run, CHECKPOINTS, first)
     if arguments.process_index == 0:
         print(plan.batch_plan(len(samples["train"]), TRAINING, gpus, facts["block_size"]))
@@ -102,8 +106,8 @@ def main():
     failures.leave_together()  # every process waits for out/, then the process group closes
 
 
-def training_arguments(deepspeed_config):
-    """TrainingArguments from TRAINING; deepspeed_config=None: no DeepSpeed (the tests compare)."""
+def training_arguments(deepspeed_config, training):
+    """TrainingArguments from `training` (TRAINING, LoRA's LR in); deepspeed_config=None: no DeepSpeed."""
     if deepspeed_config is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         deepspeed.init_distributed()  # several CPU processes need it before TrainingArguments
     return TrainingArguments(
@@ -111,7 +115,7 @@ def training_arguments(deepspeed_config):
         # ZeRO-3: TrainingArguments made with a ZeRO-3 config make from_pretrained build the model
         # already partitioned (deepspeed.zero.Init): no process holds all 12 GB (LoRA's ZeRO-2 does)
         deepspeed=deepspeed_config,
-        fp16=torch.cuda.is_available() and not TRAINING["bf16"],  # FP16: on GPUs; on CPUs FP32
+        fp16=torch.cuda.is_available() and not training["bf16"],  # FP16: on GPUs; on CPUs FP32
         use_cpu=not torch.cuda.is_available(),
         eval_strategy="epoch",  # validation loss after every epoch ...
         eval_on_start=True,  # ... and once before the first step, to compare against
@@ -119,7 +123,7 @@ def training_arguments(deepspeed_config):
         save_steps=CHECKPOINTS["every_steps"] or 1,
         save_total_limit=CHECKPOINTS["keep"],
         report_to="tensorboard",  # + out/finetune_log.json and loss.png; no account-based trackers
-        **TRAINING,
+        **training,
     )
 
 

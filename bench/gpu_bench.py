@@ -77,6 +77,9 @@ POINTS = {
                                       ds={"zero_optimization": {"offload_param": {"device": "none"}}}),
     "ram-optimizer-24": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
                              host_limit_gib=120),
+    # Accumulation (#13): CPU Adam's 5-6 s step over 16 micro-steps instead of 8 (a small corpus gets half the steps).
+    "ram-optimizer-24-ga16": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=16, steps=2,
+                                  host_limit_gib=120),
     # SuperOffload (#13): CPU Adam steps each sub-group as soon as its gradients are complete in the last
     # backward; DeepSpeed 0.19.8 does that only without gradient clipping. Its reference, for speed and for
     # the losses step by step: the same settings without it (ram-optimizer-24-noclip). Both at FP16's
@@ -122,9 +125,9 @@ POINTS = {
     "lora-ram-8": dict(setup="lora-ram", budget=8, batch=4, accumulation=2, steps=2, host_limit_gib=32),
     "lora-ram-12": dict(setup="lora-ram", budget=12, batch=10, accumulation=2, steps=2, host_limit_gib=32),
     # Does the small-card set-up learn? Random tokens cannot be learnt; Zipf-distributed ones (a few tokens
-    # common, most rare, as in text) can, so the loss of fresh samples falls where training works. At a
-    # LoRA learning rate: TRAINING's 1e-5 suits full fine-tuning (on the CPU's tiny GPT-J, 12 steps at 1e-5
-    # moved the loss by 0.003, at 2e-4 by 0.014).
+    # common, most rare, as in text) can, so the loss of fresh samples falls where training works. At
+    # LoRA's learning rate, finetune.py's LORA_TRAINING (TRAINING's 1e-5 suits full fine-tuning: on the
+    # CPU's tiny GPT-J, 12 steps at 1e-5 moved the loss by 0.003, at 2e-4 by 0.014).
     "lora-ram-8-learn": dict(setup="lora-ram", budget=8, batch=4, accumulation=2, steps=24, host_limit_gib=32,
                              data="zipf", training={"learning_rate": 2e-4}),
     # B=4 in 8 GiB ran out of GPU memory at step 12 of this point (at the cap from the first step); the
@@ -343,7 +346,8 @@ def run_point(name):
     batch = point["batch"]
     finetune.TRAINING.update(per_device_train_batch_size=batch, gradient_accumulation_steps=point["accumulation"],
                              max_steps=point["steps"], logging_steps=1, **point.get("training", {}))
-    arguments = finetune.training_arguments(config)
+    lora_training = finetune.LORA_TRAINING if setup["lora"] else {}  # as finetune.main(); the point's own last
+    arguments = finetune.training_arguments(config, {**finetune.TRAINING, **lora_training, **point.get("training", {})})
     arguments.report_to = []  # no TensorBoard files for a benchmark
     lora = {**finetune.LORA, **point.get("lora", {})} if setup["lora"] else None
     model = build_gptj(arguments, point.get("config", {}), lora, one_kernel_gelu=not original)
@@ -438,6 +442,7 @@ def build_gptj(arguments, overrides, lora, one_kernel_gelu=True):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPTJConfig
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     import finetune
     import memory_savers
@@ -447,7 +452,12 @@ def build_gptj(arguments, overrides, lora, one_kernel_gelu=True):
     if one_kernel_gelu:  # as finetune.load_model does; the original project kept GPT-J's 8-operation gelu_new
         config = memory_savers.one_kernel_gelu(config)
     dtype = torch.float16 if arguments.fp16 else torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # ZeRO-3 builds each layer partitioned on the GPU (zero.Init); LoRA's ZeRO-2 would build all 6 billion
+    # random weights on the CPU first, which took the GPU machine over 170 s a point: there, on the GPU. The
+    # product reads the real weights into RAM instead (its host RAM: the "lora" records before the 13th session).
+    on_gpu = torch.cuda.is_available() and not is_deepspeed_zero3_enabled()
+    with torch.device("cuda" if on_gpu else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if lora:  # as finetune.load_model
         model = get_peft_model(model, LoraConfig(**lora), autocast_adapter_dtype=False)
     return model

@@ -45,12 +45,14 @@ def configure_finetune(configure, settings):
             configure(finetune.__dict__, **{name: values})
 
 
-def settings_for(tmp_path, tiny_model, dataset_dir, **training):
+def settings_for(tmp_path, tiny_model, dataset_dir, **changes):
+    training = {**TRAINING, **changes}
     return {
         "MODEL": {"name": tiny_model, "revision": None},
         "FILES": {"dataset_dir": dataset_dir, "out_dir": str(tmp_path / "out"),
                   "checkpoint_dir": str(tmp_path / "checkpoints")},
-        "TRAINING": {**TRAINING, **training},
+        "TRAINING": training,
+        "LORA_TRAINING": {"learning_rate": training["learning_rate"]},  # LoRA's: the same
         "SETUP": "auto",  # on a CPU: "ram", ZeRO-3 with everything offloaded to the CPU
     }
 
@@ -179,7 +181,7 @@ def test_zero3_computes_what_plain_training_computes(tmp_path, tiny_model, confi
     config = AutoConfig.from_pretrained(tiny_model)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     artifacts.check_dataset(facts, tokenizer, tiny_model, config.max_position_embeddings)
-    arguments = finetune.training_arguments(deepspeed_config=None)
+    arguments = finetune.training_arguments(None, finetune.TRAINING)  # None: no DeepSpeed
     model = finetune.load_model(config, {"name": "ram", **plan.SETUPS["ram"]}, arguments)
     trainer = finetune.train(model, tokenizer, load_from_disk(dataset_dir), arguments)
     plain_log = trainer.state.log_history
@@ -261,11 +263,15 @@ def test_lora_trains_adapters_and_saves_a_plain_merged_model(tmp_path, tiny_mode
     adapters also go on its output layer (q_proj and v_proj alone barely move a random model's loss)."""
     dataset_dir = make_dataset(tmp_path, tiny_model, configure)
     lora = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "lm_head"]}
-    run = {**settings_for(tmp_path, tiny_model, dataset_dir, learning_rate=3e-3), "SETUP": "lora", "LORA": lora}
+    # LoRA trains at LORA_TRAINING's learning rate, not full fine-tuning's (at 1e-5 the loss would barely move).
+    run = {**settings_for(tmp_path, tiny_model, dataset_dir, learning_rate=1e-5), "SETUP": "lora", "LORA": lora,
+           "LORA_TRAINING": {"learning_rate": 3e-3}}
     output = run_finetune(run)
     assert "trainable params" in output
     log = json.loads((tmp_path / "out" / "finetune_log.json").read_text())
     assert log["zero_stage"] == 2  # LoRA with the whole model on the GPU: ZeRO-2
+    learning_rates = [entry["learning_rate"] for entry in log["log_history"] if "learning_rate" in entry]
+    assert 1e-3 < max(learning_rates) <= 3e-3  # the cosine schedule from LORA_TRAINING's peak
     assert log["validation_loss_after"] < log["validation_loss_before"] - 0.1
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()  # no PEFT needed to load it
     base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
