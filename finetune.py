@@ -182,7 +182,9 @@ def save(trainer, facts, setup):
         if not trainer.is_world_process_zero():
             return
         if setup["lora"]:
-            merge_adapters(trainer, partial)
+            memory_savers.drop_model(trainer)  # DeepSpeed's copy of the model goes first
+            merge_adapters(partial)
+            trainer.processing_class.save_pretrained(partial)
         history = trainer.state.log_history
         log = artifacts.write_training_log(partial, history, facts, zero_stage=zero_stage)
         curves.save(partial, history, FILES["checkpoint_dir"])  # TensorBoard's files and loss.png
@@ -191,13 +193,11 @@ def save(trainer, facts, setup):
     checkpoints.remove_finished(FILES["checkpoint_dir"], FILES["offload_dir"])
 
 
-def merge_adapters(trainer, partial):
+def merge_adapters(partial):
     """LoRA: the adapters merged into the base model, read again outside ZeRO-3: a plain model."""
-    memory_savers.drop_model(trainer)  # DeepSpeed's copy of the model goes first
     base = AutoModelForCausalLM.from_pretrained(MODEL["name"], revision=MODEL["revision"])
     merged = PeftModel.from_pretrained(base, partial / "lora_adapter").merge_and_unload()
     merged.save_pretrained(partial)
-    trainer.processing_class.save_pretrained(partial)
 
 
 if __name__ == "__main__":

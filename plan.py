@@ -55,7 +55,7 @@ MEASURED = {
     "lora": {
         "host_gib": 3,  # Python's and the libraries'
         # the FP16 model read into RAM before it goes to the GPU (peak 12.2 GiB); at the end the
-        # base model again, to merge the adapters into
+        # base model again, to merge the adapters into (bench/merge_bench.py: 11.7 GiB at the peak)
         "host_bytes_per_parameter": 2,
         "gpu_bytes_per_parameter": 2,  # the frozen FP16 weights, whole on each GPU (ZeRO-2)
         # 16 GiB: B=1 (2 held 2 steps, 539 MiB left); 24 GiB: 12 (13 and 14 held 2 steps, not faster)
