@@ -37,12 +37,13 @@ def resume_point(checkpoint_dir, identity, settings, first_process):
             shutil.rmtree(path, ignore_errors=True)
     run_file = folder / "run.json"
     if complete and settings["resume"]:
-        if (not run_file.is_file()
-                or json.loads(run_file.read_text()) != json.loads(json.dumps(identity))):
+        changed = (differences(json.loads(run_file.read_text()), json.loads(json.dumps(identity)))
+                   if run_file.is_file() else [f"no {run_file.name} beside them"])
+        if changed:
             raise SystemExit(
                 f"finetune.py: {checkpoint_dir}/ holds checkpoints of a run with another dataset "
-                f"or other settings (see {run_file}). Delete {checkpoint_dir}/ to start over, or "
-                f"restore those settings to resume.")
+                f"or other settings ({'; '.join(changed)}; see {run_file}). Delete "
+                f"{checkpoint_dir}/ to start over, or restore those settings to resume.")
         if first_process:
             print(f"Resuming from {complete[-1]} (delete {checkpoint_dir}/ to start over instead).")
             if identity["optimizer_state"] == "disk":  # tests/test_resume.py measures the gap
@@ -56,6 +57,18 @@ def resume_point(checkpoint_dir, identity, settings, first_process):
         folder.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(identity, indent=1) + "\n")
     return None
+
+
+def differences(theirs, ours, prefix=""):
+    """What differs between the checkpoints' run.json and this run's identity, one entry a setting."""
+    changed = []
+    for key in sorted(set(theirs) | set(ours), key=str):
+        old, new = theirs.get(key, "not set"), ours.get(key, "not set")
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}: {old} there, {new} now")
+    return changed
 
 
 def remove_finished(checkpoint_dir, offload_dir):

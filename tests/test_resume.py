@@ -144,6 +144,7 @@ def test_checkpoints_of_another_run_are_refused(tmp_path, tiny_model, dataset):
     changed["TRAINING"]["learning_rate"] = 1e-3
     output = run_finetune(changed, expect_failure=True)
     assert "holds checkpoints of a run with another dataset or other settings" in output
+    assert "(training.learning_rate: 0.003 there, 0.001 now; see " in output  # what to restore
     assert (tmp_path / "checkpoints" / "checkpoint-3" / "trainer_state.json").exists()  # left alone
 
 
