@@ -90,7 +90,7 @@ def main():
     # The set-up and the disk the run needs, from measured figures: stops here if they do not fit.
     parameters, machine = plan.count_parameters(config), plan.this_machine(MACHINE)
     setup = plan.choose_setup(SETUP, parameters, facts["block_size"], TRAINING, machine)
-    training = {**TRAINING, **LORA_TRAINING} if setup["lora"] else TRAINING
+    training = {**TRAINING, **LORA_TRAINING} if setup["lora"] else TRAINING  # LoRA: its own LR
     disk_plan = plan.check_disk(parameters, setup, FILES, CHECKPOINTS, torch.cuda.is_available())
     arguments = training_arguments(ds_config.deepspeed_config(setup, FILES["offload_dir"]), training)
     samples = load_from_disk(FILES["dataset_dir"])
