@@ -452,9 +452,9 @@ def build_gptj(arguments, overrides, lora, one_kernel_gelu=True):
     if one_kernel_gelu:  # as finetune.load_model does; the original project kept GPT-J's 8-operation gelu_new
         config = memory_savers.one_kernel_gelu(config)
     dtype = torch.float16 if arguments.fp16 else torch.float32
-    # ZeRO-3 builds each layer partitioned on the GPU (zero.Init); LoRA's ZeRO-2 would build all 6 billion
-    # random weights on the CPU first, which took the GPU machine over 170 s a point: there, on the GPU. The
-    # product reads the real weights into RAM instead (its host RAM: the "lora" records before the 13th session).
+    # ZeRO-3 builds each layer partitioned on the GPU (zero.Init). LoRA's ZeRO-2 would build all 6 billion
+    # random weights on the CPU, which took the GPU machine over 170 s a point, so they are built on the GPU.
+    # The product reads the real weights into RAM first (that host RAM: the "lora" records before the 13th session).
     on_gpu = torch.cuda.is_available() and not is_deepspeed_zero3_enabled()
     with torch.device("cuda" if on_gpu else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
