@@ -43,9 +43,8 @@ LORA = {  # LoRA set-ups (PEFT): small trainable matrices beside these layers, m
     "lora_dropout": 0.0,  # PEFT's default; 0.05 costs 2% of the speed (bench/RESULTS.md)
     "target_modules": ["q_proj", "v_proj"],  # GPT-J's attention query and value projections
 }
-LORA_TRAINING = {  # LoRA set-ups: these replace TRAINING's entries of the same name
-    "learning_rate": 2e-4,  # a few adapters that start at zero want far larger steps than all 6B weights
-}
+# LoRA set-ups: these replace TRAINING's; a few adapters that start at zero want far larger steps
+LORA_TRAINING = {"learning_rate": 2e-4}
 
 FILES = {
     "dataset_dir": "data/tokenized",  # written by `python token_split.py`
@@ -153,10 +152,7 @@ def train(model, tokenizer, samples, arguments, checkpoint=None, largest_batch=N
         arguments.eval_strategy, arguments.eval_on_start = "no", False
         print("No validation samples (the corpus fills one block): no validation loss is measured.")
     trainer = Trainer(
-        model=model,
-        args=arguments,
-        train_dataset=samples["train"],
-        eval_dataset=validation,
+        model=model, args=arguments, train_dataset=samples["train"], eval_dataset=validation,
         processing_class=tokenizer,  # saved to out/ next to the model
         data_collator=default_data_collator,  # samples are block_size long, with labels: stacked
         callbacks=[memory_savers.ReturnCachedPinnedMemory(), *callbacks],  # + the benchmark's timer
