@@ -2,12 +2,32 @@
 
 The Trainer writes checkpoint-<step>/ folders; trainer_state.json is the last file it writes into
 one (after every process's DeepSpeed shards), so a folder without it was cut short and is never
-used. run.json beside them records what must not change between a run and its resumption.
+used. run.json beside them records what must not change between a run and its resumption. On
+several machines, all of them must write into one shared checkpoint_dir; checked before loading.
 """
 
 import json
+import os
 import shutil
+import socket
+import uuid
 from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class EveryStepsOnly(TrainerCallback):
+    """Checkpoints every CHECKPOINTS["every_steps"] steps, not also at the last step: the Trainer's
+    DefaultFlowCallback (transformers 5.24) saves at the last step whatever save_steps says, a whole
+    checkpoint (~97 GB, ~40 s to write for GPT-J) that save() deletes once out/ is written. A run
+    killed while out/ is written then resumes from the newest periodic checkpoint instead, and
+    redoes up to every_steps - 1 steps."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # called after DefaultFlowCallback's
+        last_step = state.global_step >= state.max_steps
+        if last_step and args.save_strategy == "steps" and state.global_step % state.save_steps:
+            control.should_save = False
+        return control
 
 
 def run_identity(facts, model_name, training, setup, lora, processes):
@@ -23,6 +43,49 @@ def complete_checkpoints(checkpoint_dir):
     folders = sorted(Path(checkpoint_dir).glob("checkpoint-*"),
                      key=lambda path: int(path.name.split("-")[1]))
     return [str(path) for path in folders if (path / "trainer_state.json").is_file()]
+
+
+def shared_by_all_machines(checkpoint_dir, settings):
+    """Several machines: each writes its ZeRO-3 part of every checkpoint into its checkpoint_dir,
+    and only the first process completes, rotates and removes them, so a checkpoint_dir of each
+    machine's own would leave the others' parts behind and a rerun could not resume. Checked before
+    the model loads: the first process writes a file of a new name there (never looked up before,
+    so no NFS cache can hide it) and every process looks for it. One machine: no check."""
+    import torch.distributed as distributed
+
+    if not settings["every_steps"] or not distributed.is_initialized():
+        return
+    node = os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK", "?"))  # deepspeed, torchrun
+    machines = gather((f"{socket.gethostname()} (node {node})", uuid.uuid4().hex))
+    if len({machine for machine, _ in machines}) == 1:
+        return
+    rank, count = distributed.get_rank(), len({machine for machine, _ in machines})
+    marker = Path(checkpoint_dir) / f".shared-{machines[0][1]}"  # the first process's name for it
+    if rank == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    gather(None)  # the file is there before anyone looks
+    blind = sorted({machine for machine, seen in gather((machines[rank][0], marker.is_file()))
+                    if not seen})
+    if rank == 0:  # every process has looked
+        marker.unlink()
+    if blind:
+        message = (f"finetune.py: {checkpoint_dir}/ is not one folder shared by all {count} "
+                   f"machines ({', '.join(blind)} cannot see a file that {machines[0][0]} wrote "
+                   f"there), so a killed run "
+                   f"could not resume from its checkpoints: put checkpoint_dir on a disk all "
+                   f"machines share (e.g. NFS) at the same path, or set "
+                   f"CHECKPOINTS['every_steps'] = None (no checkpoints; a killed run starts over).")
+        raise SystemExit(message if os.environ.get("LOCAL_RANK", "0") == "0" else 1)
+
+
+def gather(value):
+    """Every process's value, in process order (and a barrier: each waits for all)."""
+    import torch.distributed as distributed
+
+    values = [None] * distributed.get_world_size()
+    distributed.all_gather_object(values, value)
+    return values
 
 
 def resume_point(checkpoint_dir, identity, settings, first_process):

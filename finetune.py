@@ -155,7 +155,8 @@ def train(model, tokenizer, samples, arguments, checkpoint=None, largest_batch=N
         model=model, args=arguments, train_dataset=samples["train"], eval_dataset=validation,
         processing_class=tokenizer,  # saved to out/ next to the model
         data_collator=default_data_collator,  # samples are block_size long, with labels: stacked
-        callbacks=[memory_savers.ReturnCachedPinnedMemory(), *callbacks],  # + the benchmark's timer
+        callbacks=[memory_savers.ReturnCachedPinnedMemory(), checkpoints.EveryStepsOnly(),
+                   *callbacks],  # + the benchmark's timer
         compute_loss_func=loss,  # the model's own loss in less GPU memory (None: the model's own)
     )
     arguments.eval_on_start = arguments.eval_on_start and checkpoint is None  # once, before step 1

@@ -55,8 +55,8 @@ def uninterrupted(tmp_path_factory, tiny_model, dataset):
 @pytest.mark.parametrize("kill, resumes_from", [
     ({"after_step": 5}, "checkpoint-3"),  # mid-training, between checkpoints
     ({"in_checkpoint": 6}, "checkpoint-3"),  # while checkpoint-6 was being written: it must not be used
-    ({"in_final_save": True}, "checkpoint-14"),  # out.partial/ written, not yet swapped in (the Trainer
-    # also checkpoints the last step)
+    ({"in_final_save": True}, "checkpoint-12"),  # out.partial/ written, not yet swapped in: steps 13
+    # and 14 again (no checkpoint at the last step, 14, which is not a multiple of 3)
 ])
 def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model, dataset, uninterrupted, kill, resumes_from):
     reference_weights, reference_losses = uninterrupted
@@ -78,6 +78,19 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model, dataset, un
     assert losses == pytest.approx(reference_losses, abs=TOLERANCE)
     assert not (tmp_path / "checkpoints").exists()  # removed once out/ is complete
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_no_checkpoint_is_written_at_the_last_step(tmp_path, tiny_model, dataset):
+    """The Trainer checkpoints the last step of every run by itself; save() deletes it once out/ is
+    written (~97 GB for GPT-J). A 2-step run with a checkpoint every 20 steps writes none: looked at
+    when out.partial/ is written, just before out/ and the clean-up."""
+    run = settings(tmp_path, tiny_model, dataset, CHECKPOINTS={"every_steps": 20, "keep": 1},
+                   KILL={"in_final_save": True})
+    run["TRAINING"]["max_steps"] = 2
+    run_finetune(run, expect_failure=True)
+    assert (tmp_path / "out.partial" / "model.safetensors").is_file()  # killed in the final save
+    assert (tmp_path / "checkpoints" / "run.json").is_file()  # its checkpoint_dir, as it was left
+    assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))
 
 
 def test_optimizer_state_on_disk_gives_the_same_model_and_resumes(tmp_path, configure, monkeypatch):
