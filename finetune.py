@@ -59,12 +59,22 @@ CHECKPOINTS = {  # a killed run (OOM killer, power cut, Ctrl-C) resumes from the
     "resume": True,  # False: start over even if checkpoint_dir holds checkpoints of this run
 }
 
-MACHINE = {"host_ram_gib": None, "gpu_memory_gib": None}  # to plan for; None: this machine's
+MACHINE = {  # the machine to plan for; None: this machine's
+    "host_ram_gib": None,
+    "gpu_memory_gib": None,
+    "gpu": None,  # a card of speed.CARDS, e.g. "RTX 4090": its memory and speed (no GPU needed)
+    "cpu_threads": None,  # CPU Adam's step scales with them
+}
+
+# Samples (of block_size tokens) per optimizer step, all GPUs together: 64 x 2048 = 131,072 tokens.
+# Fewer give more, noisier steps (a 5 MB corpus, ~600 samples, makes ~10 a epoch at 64); more
+# spread CPU Adam's ~6 s step over more micro-steps (faster where the optimizer state is in RAM).
+FULL_BATCH = 64
 
 TRAINING = {  # passed straight to transformers.TrainingArguments
-    "per_device_train_batch_size": 1,  # samples per GPU per micro-step; the plan says how many fit
-    "per_device_eval_batch_size": 1,  # costs what a training sample does; larger evaluates faster
-    "gradient_accumulation_steps": 8,  # micro-steps per optimizer step; costs time, not memory
+    "per_device_train_batch_size": "auto",  # samples per GPU per micro-step; auto: the most that fit
+    "per_device_eval_batch_size": "auto",  # auto: as the training batch (an eval sample costs less)
+    "gradient_accumulation_steps": "auto",  # micro-steps per optimizer step; auto: makes FULL_BATCH
     "num_train_epochs": 1,  # passes over the training samples
     "learning_rate": 1e-5,  # peak LR of full FT: all 6B weights move (FP16 overflows above ~1e-4)
     "lr_scheduler_type": "cosine",  # decays to 0 at the last step, however few steps there are
@@ -88,16 +98,18 @@ def main():
     artifacts.check_dataset(facts, tokenizer, MODEL["name"], config.max_position_embeddings)
     # The set-up and the disk the run needs, from measured figures: stops here if they do not fit.
     parameters, machine = plan.count_parameters(config), plan.this_machine(MACHINE)
-    setup = plan.choose_setup(SETUP, parameters, facts["block_size"], TRAINING, machine)
-    training = {**TRAINING, **LORA_TRAINING} if setup["lora"] else TRAINING  # LoRA: its own LR
+    setup = plan.choose_setup(SETUP, parameters, facts, TRAINING, FULL_BATCH, machine)
+    # LoRA: its own learning rate; "auto" batch settings: the numbers the plan chose
+    training = {**TRAINING, **(LORA_TRAINING if setup["lora"] else {}), **setup["batch_settings"]}
     disk_plan = plan.check_disk(parameters, setup, FILES, CHECKPOINTS, torch.cuda.is_available())
     arguments = training_arguments(ds_config.deepspeed_config(setup, FILES["offload_dir"]), training)
     samples = load_from_disk(FILES["dataset_dir"])
     gpus, first = arguments.world_size, arguments.process_index == 0  # shared checkpoint_dir
     run = checkpoints.run_identity(facts, MODEL["name"], training, setup, LORA, gpus)
+    checkpoints.shared_by_all_machines(FILES["checkpoint_dir"], CHECKPOINTS)  # or stops, saying so
     checkpoint = checkpoints.resume_point(FILES["checkpoint_dir"], run, CHECKPOINTS, first)
     if arguments.process_index == 0:
-        print(plan.batch_plan(len(samples["train"]), TRAINING, gpus, facts["block_size"]))
+        print(plan.batch_plan(len(samples["train"]), training, gpus, facts["block_size"]))
         print(f"{setup['report']}\n{disk_plan}")
     model = load_model(config, setup, arguments)
     trainer = train(model, tokenizer, samples, arguments, checkpoint, setup["largest_batch"])
@@ -160,7 +172,7 @@ def train(model, tokenizer, samples, arguments, checkpoint=None, largest_batch=N
         compute_loss_func=loss,  # the model's own loss in less GPU memory (None: the model's own)
     )
     arguments.eval_on_start = arguments.eval_on_start and checkpoint is None  # once, before step 1
-    with failures.explained(trainer, FILES["checkpoint_dir"], TRAINING, largest_batch):
+    with failures.explained(trainer, FILES["checkpoint_dir"], arguments.to_dict(), largest_batch):
         trainer.train(resume_from_checkpoint=checkpoint)
     return trainer
 

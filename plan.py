@@ -13,11 +13,25 @@ from pathlib import Path
 
 import torch
 
+import speed
+
+
+
+def step(card_gib, batch, accumulation, tokens_per_s, micro_step_s, forward_s, optimizer_s,
+         cpu_threads, record, how="measured"):
+    """One optimizer step as the bench timed it (2048 tokens a sample): on one H200 with its memory
+    capped to card_gib, `batch` samples a micro-step, the step's tokens/s, a micro-step, its
+    forward, the optimizer step's extra time, the host's CPU threads."""
+    return {"card_gib": card_gib, "batch": batch, "accumulation": accumulation,
+            "tokens_per_s": tokens_per_s, "micro_step_s": micro_step_s, "forward_s": forward_s,
+            "optimizer_s": optimizer_s, "cpu_threads": cpu_threads, "record": record, "how": how}
+
+
 # Per set-up, measured with this code on one H200 capped to each card size (bench/results.json names
 # every record, bench/RESULTS.md tells them): host RAM at peak, GPU memory (the largest per-device
 # batch of 2048 tokens per card size, or a fixed part, a part per parameter that ZeRO-3 splits
-# between the GPUs, and a part per sample), disk, and speed (tokens/s, with the card and batch it
-# was measured at).
+# between the GPUs, and a part per sample), disk, and its steps' times (speed.py scales them to
+# another card). "auto_margin": samples "auto" stays below the largest batch that held a short run.
 MEASURED = {
     "parameters": 6.05e9,  # GPT-J-6B; the GPU figures hold for it only
     "gpu": {
@@ -26,7 +40,7 @@ MEASURED = {
         "gpu_bytes_per_parameter": 16,  # FP16 weights and gradients, fp32 master, Adam m and v
         "gpu_mib_fixed": 4200,  # the CUDA context and ZeRO-3's buffers: 115,649 MiB in all at B=26
         "gpu_mib_per_sample": 737,  # as offloaded (the activations are the same)
-        "tokens_per_s": {139.8: 10920},  # card GiB: tokens/s; B=26, GA 4
+        "steps": [step(139.8, 26, 4, 10920, 4.825, 1.221, 0.205, 16, "gpu-b26, 2026-12-01")],
     },
     "ram-pinned": {
         # 154.1 GiB before the lean overflow check (17 GiB) and the cached pinned memory handed
@@ -34,7 +48,8 @@ MEASURED = {
         "host_bytes_per_parameter": 24.3,
         "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # measured unpinned; pinned +104 MiB at 24
         "gpu_mib_per_sample": 737,
-        "tokens_per_s": {24: 8716},  # B=26, GA 8; 9,586 in a second run
+        "auto_margin": 1,  # the batches held 2 steps; lora-ram's held 24 only one sample below
+        "steps": [step(24, 26, 8, 8716, 5.104, 1.319, 8.041, 32, "ours-24-pinned, 2026-11-28")],  # 9,586 once
     },
     "ram-optimizer": {
         # 111.6 GiB, pinned: fp32 master, m, v, gradients, FP16 gradients (the weights: on the GPU)
@@ -42,7 +57,7 @@ MEASURED = {
         "gpu_bytes_per_parameter": 2,  # the FP16 weights, split between the GPUs
         "gpu_mib_fixed": 4400,  # 24,047 MiB in all at B=11 (24 GiB: 11 fit)
         "gpu_mib_per_sample": 737,  # as the other full set-ups
-        "tokens_per_s": {24: 7962},  # B=11, GA 8
+        "steps": [step(24, 11, 8, 7962, 2.115, 0.524, 5.711, 16, "ram-weights-gpu-pinned-24, 2026-12-02")],
     },
     "ram": {
         # 119.5 GiB: FP16 weights and gradients, fp32 master, m, v, gradients
@@ -50,7 +65,8 @@ MEASURED = {
         # card GiB: samples (whole process, 2048 tokens)
         "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},
         "gpu_mib_per_sample": 737,  # beyond the largest card measured
-        "tokens_per_s": {24: 6513},  # B=26, GA 8
+        "auto_margin": 1,  # as ram-pinned
+        "steps": [step(24, 26, 8, 6513, 7.494, 1.311, 5.45, 16, "ram-24-save, 2026-12-01")],
     },
     "lora": {
         "host_gib": 3,  # Python's and the libraries'
@@ -61,7 +77,8 @@ MEASURED = {
         # 16 GiB: B=1 (2 held 2 steps, 539 MiB left); 24 GiB: 12 (13 and 14 held 2 steps, not faster)
         "gpu_mib_fixed": 3460,
         "gpu_mib_per_sample": 768,
-        "tokens_per_s": {16: 10639, 24: 14783},  # B=1 and B=12, ZeRO-2, GA 2
+        "steps": [step(16, 1, 2, 10639, 0.205, 0.059, -0.025, 16, "lora-16-b1, 2026-12-04"),
+                  step(24, 12, 2, 14783, 1.669, 0.528, -0.013, 16, "lora-24, 2026-12-02")],
     },
     "lora-ram": {
         "host_gib": 3,  # Python's and the libraries' (training peaked at 13.8 GiB)
@@ -69,18 +86,20 @@ MEASURED = {
         # each held over 24 steps (at 8 and 12 GiB, B=4 and 10 fitted 2 steps, then ran out of memory)
         "largest_batch": {8: 3, 12: 9, 16: 15},
         "gpu_mib_per_sample": 820,
-        "tokens_per_s": {8: 3950, 12: 11060, 16: 12547},  # at those batches, GA 2
+        "steps": [step(8, 3, 2, 3950, 1.571, 0.541, -0.031, 16, "lora-ram-8-learn-b3, 2026-12-02"),
+                  step(12, 9, 2, 11060, 1.597, 0.539, 0.139, 16, "lora-ram-12-learn-b9, 2026-12-02"),
+                  step(16, 15, 2, 12547, 2.454, 0.775, -0.011, 16, "lora-ram-16-learn, 2026-12-02")],
     },
     "disk": {
         "host_bytes_per_parameter": 8.92,  # 50.3 GiB: FP16 weights and gradients; the rest in files
         "disk_bytes_per_parameter": 16,  # 96.8 GB of files: fp32 master weights, m, v, gradients
         "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # as in RAM (the GPU side is the same)
         "gpu_mib_per_sample": 737,
-        # Projected for B=26, GA 8 (the disk reads and writes 16 bytes a parameter at each optimizer
-        # step, ~116 s for 6B): the full model's 97 GB do not fit the one-GPU machine's disk, so it
-        # was run with 14 of 28 layers (2,984 tokens/s at GA 4, 5,840 at GA 12)
-        "tokens_per_s": {24: 2400},
-        "speed_is": "projected",
+        "auto_margin": 1,  # as ram-pinned
+        # Projected: the full model's 97 GB of files do not fit the one-GPU machine's disk; GPT-J with
+        # 14 of its 28 layers took 3.699 s a micro-step and 56.6-63.8 s an optimizer step (disk-24-14l,
+        # -ga12, 2026-12-02): twice each for 28 layers
+        "steps": [step(24, 26, 8, 2372, 7.398, 1.24, 120.4, 16, "projected from disk-24-14l", "projected")],
     },
     "host_gib_per_more_gpu": 2.5,  # RAM: from 138.2 to 140.7 GiB at 2 GPUs (pinned 156.8 to 158.9)
     # ZeRO's FP16 weights 2 + fp32 master, Adam m and v 12 + 16-bit model 2
@@ -121,17 +140,16 @@ def count_parameters(config):
 
 
 def this_machine(overrides):
-    """The machine to plan for: finetune.py's MACHINE values where set, else this one's readings."""
-    gpu_gib = overrides["gpu_memory_gib"]
-    if gpu_gib is None and torch.cuda.is_available():
-        gpu_gib = torch.cuda.get_device_properties(
-            int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
+    """The machine to plan for: finetune.py's MACHINE values where set, else this one's readings;
+    "card" is what speed.py estimates from (None on a CPU)."""
+    card = speed.this_card(overrides.get("gpu"), overrides.get("cpu_threads"))
+    gpu_gib = overrides["gpu_memory_gib"] or (card["memory_gib"] if card else None)
     host_gib = overrides["host_ram_gib"] or (meminfo("MemAvailable") + meminfo("SwapFree")) / 2**30
     # The launcher's processes on this machine: LOCAL_SIZE (deepspeed) or LOCAL_WORLD_SIZE
     # (torchrun).
     processes = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
     return {"host_ram_gib": host_gib, "gpu_memory_gib": gpu_gib, "processes_on_host": processes,
-            "gpus": gpu_count()}
+            "gpus": gpu_count(), "card": card}
 
 
 def meminfo(field):
@@ -191,15 +209,23 @@ def largest_batch(name, gpu_gib, block_size, gpus=1, parameters=MEASURED["parame
     return int(batch * 2048 / block_size + 1e-9)
 
 
-def assess(name, parameters, block_size, batch, machine):
-    """One set-up on this machine: what it needs, and why it does not fit (None if it does)."""
+def assess(name, parameters, block_size, training, full_batch, machine):
+    """One set-up on this machine: what it needs, the batch it would run at, its speed, and why it
+    does not fit (None if it does)."""
     host_needed = host_ram_needed(name, parameters, machine["processes_on_host"])
     gpu_gib, measured_model = (machine["gpu_memory_gib"],
                                abs(parameters / MEASURED["parameters"] - 1) < 0.05)
     fits = (largest_batch(name, gpu_gib, block_size, machine["gpus"])
             if gpu_gib and measured_model else None)
+    most = max(1, fits - MEASURED[name].get("auto_margin", 0)) if fits else 1
+    batch, accumulation = split_batch(training, full_batch, most, machine["gpus"])
+    record = measured_step(name, gpu_gib)
+    estimate = (speed.tokens_per_second(step_model(name, record), batch, accumulation,
+                                        machine["gpus"], block_size, machine["card"])
+                if machine["card"] and measured_model else None)
     result = {"name": name, **SETUPS[name], "host_gib": host_needed, "largest_batch": fits,
-              "why_not": None, "speed": measured_speed(name, gpu_gib)}
+              "batch": batch, "accumulation": accumulation, "record": record,
+              "estimate": estimate, "measured_model": measured_model, "why_not": None}
     if host_needed > machine["host_ram_gib"]:
         result["why_not"] = (f"needs ~{host_needed:.0f} GiB of host RAM at its peak, more "
                              f"than the {machine['host_ram_gib']:.0f} GiB this machine has "
@@ -217,67 +243,141 @@ def assess(name, parameters, block_size, batch, machine):
         result["why_not"] = (f"does not fit per_device_train_batch_size={batch} on a {gpu_gib:.1f} "
                              f"GiB GPU (up to {fits}, measured on GPT-J-6B at {block_size} tokens "
                              f"a sample)")
-        result["then"] = (f"CUDA would run out of memory: set it to {fits} or less and raise "
-                          f"gradient_accumulation_steps to keep the full batch")
+        result["then"] = (f"CUDA would run out of memory: set it to {fits} or less, or \"auto\"")
         result["last"] = "use a GPU with more memory"
     return result
 
 
-def choose_setup(choice, parameters, block_size, training, machine):
-    """The set-up that runs: SETUP's, or for "auto" the first of SETUPS that fits TRAINING's batch
-    on this machine. Stops before any weights load if it does not fit, with the set-ups that would.
-    Returns the set-up with a report to print."""
+def split_batch(training, full_batch, most, gpus):
+    """(per-device batch, accumulation): TRAINING's numbers where it gives them; for "auto", `most`
+    samples a GPU (the most measured to fit, 1 where none was measured) and the accumulation that
+    makes FULL_BATCH across all GPUs, the batch then evened out over the micro-steps (the full batch
+    can come out a few samples above FULL_BATCH, never below)."""
     batch = training["per_device_train_batch_size"]
+    accumulation = training.get("gradient_accumulation_steps", "auto")
+    if batch == "auto":
+        if accumulation == "auto":
+            accumulation = math.ceil(full_batch / (most * gpus))
+        batch = min(most, math.ceil(full_batch / (accumulation * gpus)))
+    if accumulation == "auto":
+        accumulation = math.ceil(full_batch / (batch * gpus))
+    return batch, accumulation
+
+
+def measured_step(name, gpu_gib):
+    """The step measured on the card size nearest this one's."""
+    return min(MEASURED[name]["steps"], key=lambda record: abs(record["card_gib"] - (gpu_gib or 0)))
+
+
+def step_model(name, record):
+    """speed.py's model of a set-up's step: its record, the compute of a sample from the set-up of
+    its kind that moves nothing over PCIe ("gpu" or "lora"), the bytes it streams a micro-step."""
+    setup = SETUPS[name]
+    reference = MEASURED["lora"]["steps"][-1] if setup["lora"] else MEASURED["gpu"]["steps"][0]
+    if setup["weights"] == "ram":  # fetched for the forward and again for the backward
+        pcie_bytes = 4 if setup["lora"] else 6  # + full fine-tuning's FP16 gradients back
+    else:
+        pcie_bytes = 2 if setup["optimizer_state"] == "ram" else 0  # the FP16 gradients to RAM
+    optimizer_on = {"gpu": "gpu", "ram": "cpu", "disk": "disk"}[setup["optimizer_state"]]
+    return speed.step_model(record, reference, pcie_bytes, MEASURED["parameters"],
+                            setup["pinned"], optimizer_on)
+
+
+def choose_setup(choice, parameters, facts, training, full_batch, machine):
+    """The set-up that runs: SETUP's, or for "auto" the fastest of SETUPS that fits on this machine
+    (facts: the dataset's block_size and, where known, its sample counts). Stops before any weights
+    load if it does not fit, with the set-ups that would. Returns the set-up, with its batch, its
+    optimizer steps and a report to print."""
+    block_size = facts["block_size"]
     if choice != "auto" and choice not in SETUPS:
         raise SystemExit(f"finetune.py: SETUP is {choice!r}; it must be 'auto' or one of "
                          f"{', '.join(repr(name) for name in SETUPS)}.")
-    options = [assess(name, parameters, block_size, batch, machine) for name in SETUPS]
+    options = [assess(name, parameters, block_size, training, full_batch, machine)
+               for name in SETUPS]
     if choice == "auto":
         fitting = [option for option in options if not option["why_not"] and (
             option["auto"] is True or option["auto"] == "with a GPU" and machine["gpu_memory_gib"])]
         if not fitting:
             raise SystemExit(f"finetune.py: no set-up fits this machine.\n"
                              f"{table(options, machine)}")
-        # Full fine-tuning in the order of SETUPS (fastest first); else the LoRA set-up measured
-        # fastest on a card of this size.
-        full = [option for option in fitting if not option["lora"]]
-        setup = full[0] if full else max(fitting, key=lambda option: option["speed"][1])
-        why = ('SETUP = "auto": full fine-tuning, fastest first, where it fits, '
-               'else the fastest LoRA')
+        # Full fine-tuning where it fits, else LoRA; the fastest on this card (estimated), or
+        # without a card's estimate, full fine-tuning in the order of SETUPS and the LoRA set-up
+        # measured fastest on a card of this size.
+        full = [option for option in fitting if not option["lora"]] or fitting
+        if machine["card"]:
+            setup = max(full, key=lambda option: option["estimate"])
+        else:
+            setup = full[0] if not full[0]["lora"] else max(full, key=measured_tokens_per_s)
+        why = ('SETUP = "auto": full fine-tuning where it fits, else LoRA; '
+               + ('the fastest on this card' if machine["card"] else 'fastest first'))
     else:
         setup, why = (next(option for option in options if option["name"] == choice),
                       f'SETUP = "{choice}"')
     if setup["why_not"]:
         others = [f"set SETUP = '{option['name']}' ({option['description']}: "
-                  f"~{option['host_gib']:.0f} GiB of RAM{speed(option)})"
+                  f"~{option['host_gib']:.0f} GiB of RAM, {measured(option)})"
                   for option in options if not option["why_not"] and option is not setup]
         raise SystemExit(f"finetune.py: this run ({setup['description']}) {setup['why_not']}; "
                          f"{setup['then']}. Or else "
                          + "; or ".join(others + [setup["last"]]) + ".")
-    lines = [f"Set-up: {setup['name']} ({setup['description']}), from {why}.",
-             table(options, machine),
-             f"Host RAM: ~{setup['host_gib']:.1f} GiB at peak ({setup['description']}), "
-             f"{machine['host_ram_gib']:.1f} GiB available (free RAM + swap)."]
-    if setup["largest_batch"] is not None:
-        lines.append(f"GPU memory: per_device_train_batch_size={batch}; up to "
-                     f"{setup['largest_batch']} fit(s) this {machine['gpu_memory_gib']:.1f} "
-                     f"GiB card ({setup['description']}, measured on GPT-J-6B).")
-    elif machine["gpu_memory_gib"] and abs(parameters / MEASURED["parameters"] - 1) < 0.05:
-        lines.append(f"GPU memory: {machine['gpu_memory_gib']:.1f} GiB on the card; batches were "
-                     f"measured on cards of "
-                     f"{min(MEASURED[setup['name']].get('largest_batch', {8: 0}))} GiB "
-                     f"and more only.")
+    eval_batch = training.get("per_device_eval_batch_size", "auto")
+    setup["batch_settings"] = {"per_device_train_batch_size": setup["batch"],
+                               "gradient_accumulation_steps": setup["accumulation"],
+                               "per_device_eval_batch_size": setup["batch"] if eval_batch == "auto"
+                               else eval_batch}
+    counts, epochs = facts.get("counts"), training.get("num_train_epochs", 1)
+    setup["optimizer_steps"] = (optimizer_steps(counts["train"]["samples"], setup["batch"],
+                                                setup["accumulation"], machine["gpus"], epochs)
+                                if counts else None)
+    lines = [report(setup, why, options, training, full_batch, machine)]
+    if counts and setup["estimate"]:
+        lines.append(run_time(setup, counts, setup["batch_settings"]["per_device_eval_batch_size"],
+                              1 + math.ceil(epochs), epochs, block_size, machine))
     return {**setup, "report": "\n".join(lines)}
 
 
+def report(setup, why, options, training, full_batch, machine):
+    """What choose_setup() decided and why: the set-ups, the host RAM, the batch, the speed."""
+    lines = [f"Set-up: {setup['name']} ({setup['description']}), from {why}.",
+             table(options, machine),
+             f"Host RAM: ~{amount(setup['host_gib'])} GiB at peak ({setup['description']}), "
+             f"{machine['host_ram_gib']:.1f} GiB available (free RAM + swap)."]
+    gpus, card_gib = machine["gpus"], machine["gpu_memory_gib"]
+    full = setup["batch"] * setup["accumulation"] * gpus
+    chosen = [f"{value} ({'auto' if training.get(key, 'auto') == 'auto' else 'TRAINING'})"
+              for key, value in (("per_device_train_batch_size", setup["batch"]),
+                                 ("gradient_accumulation_steps", setup["accumulation"]))]
+    devices = f"{gpus} GPU(s)" if card_gib else f"{gpus} process(es)"
+    lines.append(f"Batch: {chosen[0]} per device x {chosen[1]} accumulation x {devices} = "
+                 f"{full} samples a step (FULL_BATCH = {full_batch}).")
+    if setup["largest_batch"] is not None:
+        auto = max(1, setup["largest_batch"] - MEASURED[setup["name"]].get("auto_margin", 0))
+        lines.append(f"GPU memory: up to {setup['largest_batch']} sample(s) fit this "
+                     f"{card_gib:.1f} GiB card ({setup['description']}, measured on GPT-J-6B); "
+                     f"auto takes {auto}.")
+    elif card_gib and setup["measured_model"]:
+        smallest = min(MEASURED[setup["name"]].get("largest_batch", {8: 0}))
+        lines.append(f"GPU memory: {card_gib:.1f} GiB on the card; batches were measured on cards "
+                     f"of {smallest} GiB and more only.")
+    card = machine["card"]
+    if card and setup["estimate"]:
+        lines.append(f"Speed on this card ({card['name']}: {card['tflops']:.0f} TFLOP/s FP16, "
+                     f"PCIe {card['link_gts']:g} GT/s x{card['lanes']}, {card['cpu_threads']} CPU "
+                     f"threads): ~{setup['estimate']:,.0f} tokens/s estimated (speed.py); "
+                     f"{measured(setup)}.")
+    return "\n".join(lines)
+
+
 def table(options, machine):
-    """Every set-up on this machine, one line each: what it needs and its measured speed, or why
-    not."""
+    """Every set-up on this machine, one line each: what it needs and its speed, or why not."""
     rows = []
     for option in options:
         batch = (f", up to {option['largest_batch']} a GPU"
                  if option["largest_batch"] is not None else "")
-        state = option["why_not"] or f"~{option['host_gib']:.1f} GiB of RAM{batch}{speed(option)}"
+        here = (f", ~{option['estimate']:,.0f} on this card at {option['batch']} x "
+                f"{option['accumulation']}" if option["estimate"] else "")
+        state = option["why_not"] or (f"~{amount(option['host_gib'])} GiB of RAM{batch}, "
+                                      f"{measured(option)}{here}")
         if option["auto"] is False:
             state += " (only when asked for)"
         elif option["auto"] is not True and not machine["gpu_memory_gib"]:
@@ -286,31 +386,41 @@ def table(options, machine):
     return "\n".join(rows)
 
 
-def speed(option):
-    card, tokens_per_s = option["speed"]
-    how = MEASURED[option["name"]].get("speed_is", "measured")
-    return f", {tokens_per_s:,} tokens/s {how} on a {card:g} GiB card"
+def measured(option):
+    """The measured (or projected) figure, with where: "7,962 tokens/s measured on an H200 with 24
+    GiB usable (B=11 x 8)"."""
+    record = option["record"]
+    usable = "all of its 139.8 GiB" if record["card_gib"] > 139 else f"{record['card_gib']:g} GiB"
+    return (f"{measured_tokens_per_s(option):,.0f} tokens/s {record['how']} on an H200 with "
+            f"{usable} usable (B={record['batch']} x {record['accumulation']})")
 
 
-def measured_speed(name, gpu_gib):
-    """(card GiB, tokens/s) measured on the largest card not above this one (else the smallest)."""
-    cards = sorted(MEASURED[name]["tokens_per_s"].items())
-    return ([card for card in cards if card[0] <= (gpu_gib or 0)] or cards[:1])[-1]
+def measured_tokens_per_s(option):
+    return option["record"]["tokens_per_s"]
+
+
+def amount(value):
+    """GiB or GB as the plan prints them: one decimal, or two significant digits below 0.1."""
+    return f"{value:.1f}" if value >= 0.1 else f"{value:.2g}"
 
 
 def check_disk(parameters, setup, files, checkpoints, on_gpu):
-    """Stop before training if the disks cannot hold the checkpoints and the final model; else say
-    what they take."""
+    """Stop before training if the disks cannot hold the checkpoints this run will write and the
+    final model; else say what they take."""
     model_bytes = (2 if on_gpu else 4) * parameters  # FP16 on GPUs, FP32 on CPU
     checkpoint_bytes = (0.01 * model_bytes if setup["lora"] else  # LoRA: the adapters
                         MEASURED["checkpoint_bytes_per_parameter"] * parameters)
-    checkpoints_bytes = (checkpoint_bytes * (checkpoints["keep"] + 1)
-                         if checkpoints["every_steps"] else 0)
+    every = checkpoints["every_steps"]
+    # Written every `every` steps, never at the last step alone; `keep` of them stay, and one more
+    # exists while the next is written.
+    steps = setup["optimizer_steps"]
+    written = min(steps // every, checkpoints["keep"] + 1) if every and steps is not None else \
+        checkpoints["keep"] + 1 if every else 0
     offload_bytes = (MEASURED["disk"]["disk_bytes_per_parameter"] * parameters
                      if setup["name"] == "disk" else 0)
     parts = [(files["out_dir"], model_bytes, f"the model ({model_bytes / 1e9:.3f} GB)"),
-             (files["checkpoint_dir"], checkpoints_bytes,
-              f"up to {checkpoints['keep'] + 1} checkpoints of {checkpoint_bytes / 1e9:.3f} GB"),
+             (files["checkpoint_dir"], checkpoint_bytes * written,
+              f"up to {written} checkpoint(s) of {checkpoint_bytes / 1e9:.3f} GB"),
              (files["offload_dir"], offload_bytes,
               f"the optimizer state's files ({offload_bytes / 1e9:.3f} GB)")]
     needs = {}  # per disk: (bytes needed, folders, what they hold)
@@ -331,14 +441,17 @@ def check_disk(parameters, setup, files, checkpoints, on_gpu):
                 f"{free / 1e9:.3f} GB free, but this run needs {needed / 1e9:.3f} GB there: "
                 f"{', '.join(whats)}. Free some space, point FILES at a larger disk, or set "
                 f"CHECKPOINTS['every_steps'] = None (no resume after a crash).")
-    offload = (f" + {offload_bytes / 1e9:.1f} GB of optimizer state in {files['offload_dir']}/"
+    offload = (f" + {amount(offload_bytes / 1e9)} GB of optimizer state in {files['offload_dir']}/"
                if offload_bytes else "")
-    if not checkpoints["every_steps"]:
-        return (f"Disk: {model_bytes / 1e9:.1f} GB for the model{offload}; "
-                f"no checkpoints (a killed run starts over).")
-    return (f"Disk: {model_bytes / 1e9:.1f} GB for the model{offload}, up to "
-            f"{checkpoints_bytes / 1e9:.1f} GB of checkpoints ({checkpoints['keep'] + 1} x "
-            f"{checkpoint_bytes / 1e9:.1f} GB, every {checkpoints['every_steps']} steps).")
+    model = f"Disk: {amount(model_bytes / 1e9)} GB for the model{offload}"
+    if not every:
+        return f"{model}; no checkpoints (a killed run starts over)."
+    each = f"{amount(checkpoint_bytes / 1e9)} GB each"
+    if not written:
+        return (f"{model}; no checkpoint: {steps} optimizer step(s), fewer than "
+                f"CHECKPOINTS['every_steps'] = {every} ({each}; a killed run starts over).")
+    return (f"{model}, up to {amount(checkpoint_bytes * written / 1e9)} GB of checkpoints "
+            f"({written} x {each}, every {every} steps).")
 
 
 def existing_parent(folder):
@@ -354,28 +467,34 @@ def gpu_count():
     return int(os.environ.get("WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
 
 
+def optimizer_steps(train_samples, batch, accumulation, gpus, epochs):
+    """Optimizer steps of a run, as the Trainer counts: each GPU gets ceil(samples / (batch * gpus))
+    micro-batches per epoch (with several GPUs the last ones are filled up with repeated samples),
+    and an optimizer step every `accumulation` micro-batches, the last one with whatever is left."""
+    micro_batches = math.ceil(train_samples / (batch * gpus))
+    return math.ceil(math.ceil(micro_batches / accumulation) * epochs)
+
+
 def batch_plan(train_samples, training, gpus, block_size):
     """The batch arithmetic, as text: full batch, optimizer steps, and what a partial last step
-    means."""
-    per_device, accumulation = (training["per_device_train_batch_size"],
-                                training["gradient_accumulation_steps"])
-    full_batch_size = per_device * accumulation * gpus
-    # As the Trainer counts: each GPU gets ceil(samples / (per_device * gpus)) micro-batches per
-    # epoch (with several GPUs the last ones are filled up with repeated samples), and an optimizer
-    # step every `accumulation` micro-batches, the last one with whatever is left.
-    micro_batches = math.ceil(train_samples / (per_device * gpus))
+    means (training: TRAINING with the numbers the plan chose)."""
+    batch, accumulation, epochs = (training["per_device_train_batch_size"],
+                                   training["gradient_accumulation_steps"],
+                                   training["num_train_epochs"])
+    full_batch_size = batch * accumulation * gpus
+    micro_batches = math.ceil(train_samples / (batch * gpus))
     steps_per_epoch = math.ceil(micro_batches / accumulation)
-    optimizer_steps = math.ceil(steps_per_epoch * training["num_train_epochs"])
     last_step_samples = train_samples - (steps_per_epoch - 1) * full_batch_size
-    repeated = micro_batches * per_device * gpus - train_samples if gpus > 1 else 0
+    repeated = micro_batches * batch * gpus - train_samples if gpus > 1 else 0
     devices = f"{gpus} GPU{'s' * (gpus > 1)}" if torch.cuda.is_available() else \
         f"{gpus} process{'es' * (gpus > 1)} (CPU)"
     lines = [
-        f"Batch plan: {per_device} per device x {accumulation} accumulation x {devices} = full "
+        f"Batch plan: {batch} per device x {accumulation} accumulation x {devices} = full "
         f"batch of {full_batch_size} samples ({full_batch_size * block_size:,} tokens per "
         f"optimizer step).",
         f"{train_samples:,} train samples -> {steps_per_epoch:,} optimizer steps per epoch, "
-        f"{optimizer_steps:,} in {training['num_train_epochs']} epoch(s).",
+        f"{optimizer_steps(train_samples, batch, accumulation, gpus, epochs):,} in {epochs} "
+        f"epoch(s).",
     ]
     if last_step_samples != full_batch_size:
         lines.append(f"The last step of each epoch gets {last_step_samples} new sample(s) instead "
@@ -383,7 +502,7 @@ def batch_plan(train_samples, training, gpus, block_size):
     if repeated:
         lines.append(f"{repeated} samples are seen twice per epoch, to fill the last micro-batch "
                      f"on every GPU.")
-    even = [a for a in range(1, 65) if train_samples % (per_device * a * gpus) == 0]
+    even = [a for a in range(1, 65) if train_samples % (batch * a * gpus) == 0]
     if last_step_samples != full_batch_size or repeated:
         lines.append(f"gradient_accumulation_steps that give equal steps: "
                      f"{', '.join(map(str, even))}." if even else
@@ -391,3 +510,19 @@ def batch_plan(train_samples, training, gpus, block_size):
                      "count; that is fine.")
     return "\n".join(lines)
 
+
+def run_time(setup, counts, eval_batch, evaluations, epochs, block_size, machine):
+    """This run's training and validation time on this card, as a line of text."""
+    samples = {split: counts[split]["samples"] for split in ("train", "validation")}
+    seconds = speed.run_seconds(step_model(setup["name"], setup["record"]), setup["batch"],
+                                setup["accumulation"], machine["gpus"], block_size,
+                                machine["card"], samples, epochs, eval_batch, evaluations)
+    tokens = samples["train"] * block_size * epochs
+    return (f"Estimated time: {tokens:,} tokens ({samples['train']:,} samples x {epochs} epoch(s)) "
+            f"+ {evaluations} validation pass(es) -> ~{duration(seconds)} of training on this card "
+            f"(not counting loading and saving).")
+
+
+def duration(seconds):
+    return (f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.1f} min"
+            if seconds >= 90 else f"{seconds:.0f} s")

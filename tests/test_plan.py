@@ -28,9 +28,13 @@ def gptj_6b_run(tmp_path, tiny_model, configure):
     return tmp_path
 
 
-def choose(setup, host_gib, gpu_gib, batch=1, block_size=2048, processes=1):
-    machine = {"host_ram_gib": host_gib, "gpu_memory_gib": gpu_gib, "processes_on_host": processes, "gpus": processes}
-    return plan.choose_setup(setup, GPTJ_6B, block_size, {"per_device_train_batch_size": batch}, machine)
+def choose(setup, host_gib, gpu_gib, batch=1, block_size=2048, processes=1, card=None, full_batch=64,
+           accumulation=8):
+    """plan.choose_setup() for GPT-J-6B on a machine described by hand (card: speed.this_card()'s, or None)."""
+    machine = {"host_ram_gib": host_gib, "gpu_memory_gib": gpu_gib, "processes_on_host": processes,
+               "gpus": processes, "card": card}
+    training = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation}
+    return plan.choose_setup(setup, GPTJ_6B, {"block_size": block_size}, training, full_batch, machine)
 
 
 def set_up(configure, setup, **machine):
@@ -52,10 +56,10 @@ def test_in_ram_on_a_64_gib_desktop_is_stopped_before_loading_with_what_fits(gpt
             "the 64 GiB this machine has (free RAM + swap)") in message
     # The set-ups that would fit, with their measured costs:
     # (the disk's speed is a projection: the full model's files did not fit the GPU machine's disk)
-    assert ("set SETUP = 'disk' (full fine-tuning, optimizer state on disk: ~50 GiB of RAM, 2,400 tokens/s "
-            "projected on a 24 GiB card)") in message
+    assert ("set SETUP = 'disk' (full fine-tuning, optimizer state on disk: ~50 GiB of RAM, 2,372 tokens/s "
+            "projected on an H200 with 24 GiB usable (B=26 x 8))") in message
     assert ("set SETUP = 'lora' (LoRA adapters, the frozen FP16 model on the GPU: ~14 GiB of RAM, 14,783 tokens/s "
-            "measured on a 24 GiB card)") in message
+            "measured on an H200 with 24 GiB usable (B=12 x 2))") in message
     assert not (gptj_6b_run / "checkpoints").exists()  # stopped before anything was written
 
 
@@ -64,7 +68,8 @@ def test_the_low_ram_setting_fits_64_gib_and_says_what_it_needs():
     assert setup["name"] == "disk"
     assert ("Host RAM: ~50.3 GiB at peak (full fine-tuning, optimizer state on disk), 64.0 GiB available"
             in setup["report"])
-    assert "GPU memory: per_device_train_batch_size=8; up to 26 fit(s) this 24.0 GiB card" in setup["report"]
+    assert "Batch: 8 (TRAINING) per device x 8 (TRAINING) accumulation x 1 GPU(s) = 64 samples" in setup["report"]
+    assert "GPU memory: up to 26 sample(s) fit this 24.0 GiB card" in setup["report"]
 
 
 def test_a_32_gib_desktop_is_offered_lora_only(gptj_6b_run, configure):
@@ -101,7 +106,7 @@ def test_lora_on_a_card_too_small_for_the_model_is_told_what_fits():
 def test_too_large_batch_is_stopped_with_the_batch_that_fits():
     with pytest.raises(SystemExit, match=r"does not fit per_device_train_batch_size=27 on a 24.0 GiB GPU \(up to "
                                          r"26, measured on GPT-J-6B at 2048 tokens a sample\); CUDA would run out "
-                                         r"of memory: set it to 26 or less and raise gradient_accumulation_steps"):
+                                         r"of memory: set it to 26 or less, or \"auto\""):
         choose("ram", host_gib=256, gpu_gib=24, batch=27)
 
 
@@ -124,8 +129,8 @@ def test_a_card_smaller_than_any_measured_is_not_stopped():
 def test_what_fits_is_said_not_stopped():
     report = choose("auto", host_gib=130, gpu_gib=24, batch=26)["report"]
     assert "Host RAM: ~119.5 GiB at peak (full fine-tuning, optimizer state in RAM), 130.0 GiB available" in report
-    assert ("GPU memory: per_device_train_batch_size=26; up to 26 fit(s) this 24.0 GiB card (full fine-tuning, "
-            "optimizer state in RAM, measured on GPT-J-6B).") in report
+    assert ("GPU memory: up to 26 sample(s) fit this 24.0 GiB card (full fine-tuning, optimizer state in RAM, "
+            "measured on GPT-J-6B); auto takes 25.") in report
 
 
 def test_host_memory_is_pinned_where_the_ram_holds_its_peak():
@@ -161,7 +166,7 @@ def test_a_128_gib_desktop_with_a_24_gib_card_keeps_the_weights_on_the_gpu(host_
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert (f"Host RAM: ~111.6 GiB at peak (full fine-tuning, weights on the GPU, optimizer state in pinned RAM), "
             f"{host_gib:.1f} GiB available") in setup["report"]
-    assert "up to 11 a GPU, 7,962 tokens/s measured on a 24 GiB card" in setup["report"]
+    assert "up to 11 a GPU, 7,962 tokens/s measured on an H200 with 24 GiB usable (B=11 x 8)" in setup["report"]
     assert choose("auto", host_gib=111, gpu_gib=24)["name"] == "lora"  # below its peak: not chosen
 
 
@@ -198,8 +203,8 @@ def test_no_pinning_without_a_gpu_or_with_the_optimizer_on_disk(setup):
     chosen = choose("disk", 256, 24) if setup == "disk" else choose("auto", 256, None)  # None: no GPU (CPU)
     assert chosen["name"] == ("disk" if setup == "disk" else "ram") and not chosen["pinned"]
     if setup != "disk":
-        assert "in pinned RAM: ~136.9 GiB of RAM, 8,716 tokens/s measured on a 24 GiB card (auto: with a GPU only)" \
-            in chosen["report"]
+        assert ("in pinned RAM: ~136.9 GiB of RAM, 8,716 tokens/s measured on an H200 with 24 GiB usable (B=26 x 8) "
+                "(auto: with a GPU only)") in chosen["report"]
 
 
 @pytest.mark.parametrize("host_gib, setup", [(140, "ram-pinned"), (139, "ram-optimizer"), (115, "ram-optimizer"),
