@@ -2,8 +2,9 @@
 
 Each "node" is started as README tells for real machines (a hostfile of two hosts, the first
 node's address and port), without ssh, over gloo. Node 1 gets its own out/ and checkpoints/ folders,
-as if it had a disk of its own, so that whatever it writes shows; the resume test gives both nodes
-the same folders, as a shared disk would. The reference: `deepspeed --num_gpus 2` on one node.
+as if it had a disk of its own, so that whatever it writes shows (without checkpoints, which need a
+shared checkpoint_dir: finetune.py stops before loading if it is not); the resume test gives both
+nodes the same folders, as a shared disk would. The reference: `deepspeed --num_gpus 2` on one node.
 """
 
 import json
@@ -28,7 +29,7 @@ RUN = {"num_train_epochs": 2}
 TOLERANCE = 1e-6
 
 
-def run_two_nodes(settings_per_node, timeout=600):
+def run_two_nodes(settings_per_node, timeout=600, expect_failure=False):
     """`deepspeed --hostfile H --no_ssh --node_rank N --master_addr 127.0.0.1 --master_port P
     tests/run_finetune.py node-N.settings.json` for N = 0 and 1 at once, as on two machines."""
     folder = Path(settings_per_node[0]["FILES"]["out_dir"]).parent
@@ -54,24 +55,31 @@ def run_two_nodes(settings_per_node, timeout=600):
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
     for rank, (node, output) in enumerate(zip(nodes, outputs)):
-        assert node.returncode == 0, f"node {rank} failed ({node.returncode}):\n{output[-6000:]}"
+        assert (node.returncode != 0) == expect_failure, (
+            f"node {rank} {'failed' if node.returncode else 'did not fail'} ({node.returncode}):\n"
+            f"{output[-6000:]}")
     return outputs
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model):
-    """The same settings as two nodes of one process and as one node of two processes."""
-    tmp_path = tmp_path_factory.mktemp("multinode")
+def dataset(tmp_path_factory, tiny_model):
     with pytest.MonkeyPatch.context() as monkeypatch:
         configure = lambda settings, **values: [monkeypatch.setitem(settings, key, value)
                                                 for key, value in values.items()]
-        dataset_dir = make_dataset(tmp_path, tiny_model, configure)
+        return make_dataset(tmp_path_factory.mktemp("multinode-data"), tiny_model, configure)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model, dataset):
+    """The same settings as two nodes of one process and as one node of two processes."""
+    tmp_path, dataset_dir = tmp_path_factory.mktemp("multinode"), dataset
     one_node = tmp_path / "one-node"
     one_node_output = run_finetune(settings_for(one_node, tiny_model, dataset_dir, **RUN), gpus=2)
     nodes = [tmp_path / "two-nodes" / f"node-{rank}" for rank in (0, 1)]
     for folder in nodes:
         folder.mkdir(parents=True)
-    outputs = run_two_nodes([settings_for(folder, tiny_model, dataset_dir, **RUN)
+    outputs = run_two_nodes([{**settings_for(folder, tiny_model, dataset_dir, **RUN),
+                              "CHECKPOINTS": {"every_steps": None}}  # the fix for disks of their own
                              for folder in nodes])
     return {"one-node": (one_node, one_node_output), "dataset": dataset_dir,
             "node-0": (nodes[0], outputs[0]), "node-1": (nodes[1], outputs[1])}
@@ -111,6 +119,7 @@ def test_only_the_first_node_writes_out(runs):
     assert not (node_0 / "checkpoints").exists()
     assert "Saved the fine-tuned model" not in output_1 and "Batch plan" not in output_1
     assert not (node_1 / "out").exists() and not (node_1 / "out.partial").exists()
+    assert not (node_1 / "checkpoints").exists()
 
 
 def test_runs_print_no_false_alarms(runs):
@@ -143,10 +152,21 @@ def test_killed_two_node_run_resumes_from_shared_checkpoints(runs, tmp_path, tin
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finetune.py: with a disk of its own, node 1 keeps its ZeRO-3 shards of every checkpoint (only "
-    "process 0 rotates and removes checkpoints/), and a rerun removes them as incomplete (no "
-    "trainer_state.json there) and starts over while node 0 resumes: the run crashes"))
-def test_a_node_with_a_disk_of_its_own_leaves_no_checkpoints(runs):
-    node_1 = runs["node-1"][0]
-    assert not (node_1 / "checkpoints").exists()
+def test_checkpoints_on_disks_of_their_own_stop_before_loading(dataset, tmp_path, tiny_model):
+    """Each node's checkpoint_dir on its own disk, checkpoints on: node 1 would keep its ZeRO-3 parts of
+    every checkpoint (only process 0 completes, rotates and removes them) and a rerun could not resume.
+    Both nodes stop before the model loads, with one sentence that names the folder and the fix."""
+    nodes = [tmp_path / f"node-{rank}" for rank in (0, 1)]
+    for folder in nodes:
+        folder.mkdir()
+    outputs = run_two_nodes([settings_for(folder, tiny_model, dataset, **RUN) for folder in nodes],
+                            expect_failure=True)
+    for folder, output in zip(nodes, outputs):
+        start = f"finetune.py: {folder / 'checkpoints'}/ is not one folder shared by all 2 machines ("
+        assert start in output, output[-3000:]
+        sentence = output[output.index(start):].splitlines()[0]
+        assert "(node 1) cannot see a file that " in sentence
+        assert "put checkpoint_dir on a disk all machines share (e.g. NFS)" in sentence
+        assert sentence.endswith("or set CHECKPOINTS['every_steps'] = None (no checkpoints; a killed run starts over).")
+        assert "Batch plan" not in output and "Traceback" not in output  # before the model loads
+        assert list((folder / "checkpoints").glob(".shared-*")) == []  # the probe file is gone
