@@ -257,7 +257,7 @@ def tokenizer_alone(text_dir, tokenizer_dir, mode):
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(REPO))
-    from token_split import WORK
+    from corpus import WORK
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if mode != "processes" else None
     files = sorted(Path(text_dir).rglob("*.txt"))
@@ -382,10 +382,11 @@ def same_datasets(old_dir, new_dir):
 
 
 def measured_commit():
-    """The commit whose token_split.py and artifacts.py are measured (+ "-dirty": changed since)."""
+    """The commit whose token_split.py, corpus.py and artifacts.py are measured (+ "-dirty": changed
+    since)."""
     git = ["git", "-C", str(REPO)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    changed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "token_split.py",
+    changed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "token_split.py", "corpus.py",
                               "artifacts.py"])
     return commit.stdout.strip() + ("-dirty" if changed.returncode else "")
 

@@ -16,6 +16,7 @@ import time
 import pytest
 
 import artifacts
+import corpus
 import token_split
 from conftest import REPO, write_files
 from test_token_split import PARAGRAPH
@@ -57,15 +58,16 @@ def snapshot(folder):
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-# token_split.main() in a child process. Arguments: the repo, SETTINGS, WORK, and where to send it a
-# signal ("samples:SIGKILL": as the first samples are written; "facts:...": at the facts file).
+# token_split.main() in a child process. Arguments: the repo, SETTINGS, corpus.WORK, and where to
+# send it a signal ("samples:SIGKILL": as the first samples are written; "facts:...": at the facts
+# file).
 CHILD = """
 import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
-import token_split, artifacts
+import token_split, artifacts, corpus
 from datasets.arrow_writer import ArrowWriter
 token_split.SETTINGS.update(json.loads(sys.argv[2]))
-token_split.WORK.update(json.loads(sys.argv[3]))
+corpus.WORK.update(json.loads(sys.argv[3]))
 if sys.argv[4]:
     stage, name = sys.argv[4].split(":")
     places = {"samples": (ArrowWriter, "write_table"), "facts": (artifacts, "write_dataset_facts")}
@@ -178,7 +180,7 @@ def test_utf8_error_offset_counts_the_byte_order_mark_and_earlier_reads(run_spli
     (tmp_path / "text" / "bom.txt").unlink()
     # Reads of 7 bytes: the first ends inside the é, and the bad byte follows it in the second.
     write_files(tmp_path / "text", {"later.txt": "\ufeffabcé".encode() + b"\xff tail"})
-    configure(token_split.WORK, read_bytes=7)
+    configure(corpus.WORK, read_bytes=7)
     with pytest.raises(SystemExit, match=r"later.txt' is not valid UTF-8 \(byte offset 8: b'\\xff"):
         run_split()
     old_dataset()

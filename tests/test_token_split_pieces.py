@@ -10,6 +10,7 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import artifacts
+import corpus
 import token_split
 from conftest import REPO, write_files
 from test_token_split import PARAGRAPH, expected_tokens, unpadded
@@ -54,7 +55,7 @@ def test_every_cut_place_keeps_the_tokens_of_the_whole_text(tiny_model):
         some = sorted(rng.sample(places, len(places) // 2))
         assert in_pieces(encoder, text, some) == whole, repr(text)  # or at some
     assert cut_count > 3000
-    assert token_split.pieces_are_exact(encoder)
+    assert corpus.pieces_are_exact(encoder)
 
 
 # Files that are cut into many pieces when a piece is 16 characters, and two that cannot be cut.
@@ -76,7 +77,7 @@ def test_files_in_pieces_give_the_whole_files_tokens(tmp_path, tiny_model, confi
     configure(token_split.SETTINGS, text_dir=str(tmp_path / "text"),
               dataset_dir=str(tmp_path / "dataset"), tokenizer=tiny_model, block_size=64,
               validation_share=0, seed=1)
-    configure(token_split.WORK, piece_chars=piece_chars, batch_chars=batch_chars)
+    configure(corpus.WORK, piece_chars=piece_chars, batch_chars=batch_chars)
     token_split.main()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     names = sorted(FILES)
@@ -92,8 +93,8 @@ def test_files_in_pieces_give_the_whole_files_tokens(tmp_path, tiny_model, confi
     # again.
     for name in names:
         path = tmp_path / "text" / name
-        blocks = token_split.read_text(path, "text", piece_chars)
-        pieces = list(token_split.cut_pieces(blocks, piece_chars))
+        blocks = corpus.read_text(path, "text", piece_chars)
+        pieces = list(corpus.cut_pieces(blocks, piece_chars))
         text = FILES[name].lstrip("\ufeff").replace("\r\n", "\n")
         assert "".join(piece for piece, _, _ in pieces) == text
         assert [last for _, last, _ in pieces] == [False] * (len(pieces) - 1) + [True]
@@ -112,14 +113,14 @@ def test_a_tokenizer_that_cannot_be_cut_gets_each_file_whole(tmp_path, configure
     prefixed = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     prefixed.save_pretrained(tmp_path / "prefix")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "prefix")
-    assert not token_split.pieces_are_exact(tokenizer.backend_tokenizer)
+    assert not corpus.pieces_are_exact(tokenizer.backend_tokenizer)
 
     files = {name: FILES[name] for name in ("prose.txt", "one_line.txt", "mixed.txt")}
     write_files(tmp_path / "text", files)
     configure(token_split.SETTINGS, text_dir=str(tmp_path / "text"),
               dataset_dir=str(tmp_path / "dataset"), tokenizer=str(tmp_path / "prefix"),
               block_size=64, validation_share=0, seed=1)
-    configure(token_split.WORK, piece_chars=16, batch_chars=64)
+    configure(corpus.WORK, piece_chars=16, batch_chars=64)
     token_split.main()
     warning = "gives other tokens for a text in pieces than for it whole, so each file is tokenized"
     assert warning in capsys.readouterr().err
@@ -132,7 +133,7 @@ def test_progress_bar_counts_megabytes_and_files(tmp_path, tiny_model, configure
     write_files(tmp_path / "text", FILES)
     configure(token_split.SETTINGS, text_dir=str(tmp_path / "text"),
               dataset_dir=str(tmp_path / "dataset"), tokenizer=tiny_model, block_size=64)
-    configure(token_split.WORK, progress_after_s=0, piece_chars=1000, batch_chars=5000)
+    configure(corpus.WORK, progress_after_s=0, piece_chars=1000, batch_chars=5000)
     token_split.main()
     bars = capsys.readouterr().err.replace("\r", "\n")
     size = sum(path.stat().st_size for path in (tmp_path / "text").iterdir()) / 1000
