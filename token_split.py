@@ -1,9 +1,8 @@
 """Turn text/*.txt into fixed-length training samples for finetune.py: `python token_split.py`.
 
-Prepare once, train from disk: all tokenizing and chunking happens here, and finetune.py only loads
-what this script saved, with the facts it checks. Memory stays bounded whatever the size of the
-corpus or of one file: the text is read in pieces (corpus.py), the tokens go to a scratch file, and
-the samples to disk as they are cut (artifacts.py).
+Prepare once, train from disk: all tokenizing and chunking happens here; finetune.py loads what
+this script saved and checks its facts. Memory stays bounded whatever the size of a file or of the
+corpus: text is read in pieces (corpus.py), tokens go to a scratch file, samples to disk as cut.
 """
 
 import ast
@@ -75,14 +74,13 @@ def tokenize(documents, text_dir, tokenizer, token_file):
     EOS after every document tells the model where one text stops and the next begins (and teaches
     it to stop), so it also stands between documents once they are joined into one stream. Each
     batch of exact pieces (corpus.py) is spread over all cores by the tokenizer's own threads."""
-    encoder = tokenizer.backend_tokenizer  # the Rust tokenizer that `tokenizer(text)` calls
     dtype = artifacts.token_dtype(len(tokenizer))
     counts = [0] * len(documents)
     with open(token_file, "wb") as tokens:
         for batch in corpus.piece_batches(documents, text_dir, tokenizer):
-            # encode_batch_fast: encode_batch's ids without the character offsets; 3x faster here
-            encodings = encoder.encode_batch_fast([text for _, text, _ in batch],
-                                                  add_special_tokens=False)
+            # The Rust tokenizer's encode_batch_fast: ids without character offsets, 3x faster here
+            encodings = tokenizer.backend_tokenizer.encode_batch_fast(
+                [text for _, text, _ in batch], add_special_tokens=False)
             for (number, _, last), encoding in zip(batch, encodings):
                 ids = encoding.ids + [tokenizer.eos_token_id] if last else encoding.ids
                 tokens.write(np.array(ids, dtype).tobytes())
@@ -238,13 +236,15 @@ def report(facts, notes, settings, seconds):
     training = dict(zip(map(ast.literal_eval, values["TRAINING"].keys), values["TRAINING"].values))
     micro, accumulation, epochs = (ast.literal_eval(training[key]) for key in (
         "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"))
-    full_batch = (ast.literal_eval(values["FULL_BATCH"]) if "FULL_BATCH" in values else
-                  micro * accumulation)  # a finetune.py from before FULL_BATCH: one GPU's
+    numbers = "auto" not in (micro, accumulation)  # TRAINING's own numbers, on every GPU
+    full_batch = micro * accumulation if numbers else ast.literal_eval(values["FULL_BATCH"])
     steps = math.ceil(counts["train"]["samples"] / full_batch)
-    print(f"Batch plan: full batch of {full_batch} samples ({full_batch * facts['block_size']:,} "
-          f"tokens) per optimizer step -> {steps:,} optimizer steps per epoch, "
-          f"{math.ceil(steps * epochs):,} in {epochs} epoch(s).\nfinetune.py splits it into "
-          f"micro-batches that fit the GPUs it finds, and prints its plan.")
+    how = (f"runs it as {micro} per device x {accumulation} accumulation on each GPU" if numbers
+           else "splits it into micro-batches that fit the GPUs it finds")
+    print(f"Batch plan: full batch of {full_batch} samples{' on one GPU' * numbers} "
+          f"({full_batch * facts['block_size']:,} tokens) per optimizer step -> {steps:,} "
+          f"optimizer steps per epoch, {math.ceil(steps * epochs):,} in {epochs} epoch(s).\n"
+          f"finetune.py {how}, and prints its plan.")
 
 if __name__ == "__main__":
     main()
