@@ -37,6 +37,10 @@ def silence_false_alarms():
     # PyTorch's deprecation notices for calls inside DeepSpeed's ZeRO-3: DeepSpeed's to change.
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|"
                             r"reduce_scatter_tensor)` is deprecated", FutureWarning)
+    # With one CUDA GPU, PyTorch's barrier() warns "using the device under current context": that
+    # device is the only one. With several, DeepSpeed binds each process's device (device_id).
+    warnings.filterwarnings("ignore", r"barrier\(\): using the device under current context",
+                            UserWarning)
     # On CPUs DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
     # successfully" on every run, though it only loads the op it compiled once.
     comm = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch reads as torch)
@@ -102,18 +106,52 @@ def clear_stale_build_locks(max_age_s=600):
 
 
 @contextlib.contextmanager
-def model_within_reach(name):
+def model_within_reach(name, script="finetune.py", what="model", setting="MODEL['name']"):
     """The model's config and tokenizer come from the Hugging Face hub (downloaded once, then cached)
-    or from a local folder; when neither answers, one sentence says so instead of a long traceback."""
+    or from a local folder; when neither answers, one sentence says so instead of a long traceback.
+    A hub that does not answer one request within seconds puts huggingface_hub offline first: a
+    cached model then loads at once, and one not cached fails at once, not after its 5 retries
+    ("Retrying in 8s [Retry 5/5]", ~25 s a file). token_split.py: its tokenizer, its setting."""
+    from huggingface_hub import constants
+
+    folder = Path(name).expanduser().exists()
+    if not folder and not constants.HF_HUB_OFFLINE and not hub_answers():
+        go_offline()
     try:
         yield
     except OSError as error:
         reason = str(error).strip().splitlines()[0]
+        if name.startswith(("/", ".", "~")) and not folder:
+            reason = "no such folder"
         raise SystemExit(
-            f"finetune.py: cannot load the model '{name}' ({reason}). It comes from the Hugging Face "
+            f"{script}: cannot load the {what} '{name}' ({reason}). It comes from the Hugging Face "
             f"hub (downloaded once, which needs the network, then cached) or from a local folder: "
-            f"without network, copy the model's folder to this machine and set MODEL['name'] in "
-            f"finetune.py to that folder.") from None
+            f"without network, copy the model's folder to this machine and set {setting} in "
+            f"{script} to that folder.") from None
+
+
+def hub_answers(timeout_s=5):
+    """Whether the hub (HF_ENDPOINT's, through the proxy the environment names) answers one
+    request, without huggingface_hub's retries."""
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)
+    except httpx2.TransportError:  # no name resolution, no route, a timeout, a refusing proxy
+        return False
+    return True
+
+
+def go_offline():
+    """huggingface_hub's offline mode (HF_HUB_OFFLINE=1), set for this process and those it starts.
+    huggingface_hub reads the variable once, when it is imported, into the value its
+    is_offline_mode() returns, which transformers asks before every download: that value is set."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
 
 
 @contextlib.contextmanager
