@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from transformers import AutoTokenizer
 
 import artifacts
 import corpus
-import failures
 
 SETTINGS = {
     "text_dir": "text",  # each *.txt below this folder (sub-folders, linked ones too) is a document
@@ -56,6 +54,8 @@ def main():
 
 def load_tokenizer(name):
     """The model's tokenizer, from a local folder or the hub (downloaded once, then cached)."""
+    import failures  # imported here, after the text is checked: with transformers, seconds
+    from transformers import AutoTokenizer
     with failures.model_within_reach(name, "token_split.py", "tokenizer", "SETTINGS['tokenizer']"):
         # No length limit: blocks are cut here (no "Token indices sequence length ..." warning)
         tokenizer = AutoTokenizer.from_pretrained(name, model_max_length=sys.maxsize)
