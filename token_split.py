@@ -173,8 +173,7 @@ def read_tokens(token_file, ranges, dtype, chunk_tokens=1 << 20):
 
 
 def cut_blocks(chunks, block_size, pad_id):
-    """Blocks of exactly block_size tokens from a stream that comes in chunks, the last one padded.
-    Yields (ids: a rows x block_size array, lengths: the real tokens in each row)."""
+    """Yields (ids, real tokens per row): rows of block_size tokens, the last one padded."""
     rest = None
     for chunk in chunks:
         tokens = chunk if rest is None else np.concatenate([rest, chunk])
@@ -245,6 +244,7 @@ def report(facts, notes, settings, seconds):
           f"({full_batch * facts['block_size']:,} tokens) per optimizer step -> {steps:,} "
           f"optimizer steps per epoch, {math.ceil(steps * epochs):,} in {epochs} epoch(s).\n"
           f"finetune.py {how}, and prints its plan.")
+
 
 if __name__ == "__main__":
     main()
