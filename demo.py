@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 import finetune
 import infer_test
 import tiny_gptj
@@ -39,6 +41,7 @@ def use_demo_settings():
         num_train_epochs=12,  # 3,700 tokens: many passes, a second each (more overfits: validation loss rises)
         learning_rate=3e-3,  # a random tiny model learns from scratch: far higher than GPT-J's 1e-5
         logging_steps=10,
+        disable_tqdm=True,  # the Trainer's logs as lines: no progress bars, nor eval's inside them
     )
     infer_test.SETTINGS.update(model_dir=f"{work}/out", max_new_tokens=40,
                                prompts=["12 March. Wind", "Dear Anna,", "Bread asks for"])
@@ -47,6 +50,7 @@ def use_demo_settings():
 def main():
     started = time.time()
     use_demo_settings()
+    quiet_progress_bars()
     print("== 1/4 building a tiny GPT-J and its tokenizer from demo/text (instead of downloading GPT-J-6B)")
     tiny_gptj.build(DEMO["text_dir"], token_split.SETTINGS["tokenizer"])
     print("\n== 2/4 python token_split.py")
@@ -64,11 +68,25 @@ def main():
 
 def run_finetune_with_launcher():
     """`deepspeed --num_gpus 1 demo.py finetune`: the launcher starts this file again, in finetune mode."""
-    environment = dict(os.environ)
+    environment = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1")  # transformers' bars too
     environment.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     environment.setdefault("DS_ACCELERATOR", "cpu" if not cuda_available() else "cuda")
-    command = ["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), __file__, "finetune"]
+    if not cuda_available():  # the threads Accelerate picks on CPUs, set, not warned about
+        environment.setdefault("OMP_NUM_THREADS", str(psutil.cpu_count(logical=False) or 1))
+    # -q: the launcher's own lines (its command, ranks, "Unable to find hostfile") only on errors
+    command = ["deepspeed", "-q", "--num_gpus", "1", "--master_port", str(free_port()), __file__,
+               "finetune"]
     subprocess.run(command, env=environment, check=True)
+
+
+def quiet_progress_bars():
+    """No progress bars in this process (writing the tiny model, reading the demo's out/): a run
+    of seconds, and the lines around them stay readable."""
+    import datasets
+    import transformers
+
+    transformers.logging.disable_progress_bar()  # huggingface_hub's bars with them
+    datasets.disable_progress_bars()
 
 
 def cuda_available():

@@ -32,3 +32,8 @@ def test_demo_runs_the_trio_end_to_end(tmp_path):
     assert (copy / "demo" / "work" / "out" / "loss.png").is_file()
     assert list((copy / "demo" / "work" / "out" / "tensorboard").rglob("events.out.tfevents.*"))
     assert not (copy / "checkpoints").exists() and not (copy / "out").exists() and not (copy / "data").exists()
+    # Calm: no progress bars (nested ones garbled the Trainer's), none of the launcher's own lines, no
+    # Accelerate thread warning: 149 lines before, 78 after (the Trainer's logs one a line).
+    for noise in ("it/s]", "[INFO]", "Unable to find hostfile", "OMP_NUM_THREADS", "Writing model shards"):
+        assert noise not in output, noise
+    assert len(output.splitlines()) <= 90
