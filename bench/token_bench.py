@@ -2,6 +2,7 @@
 
     python bench/token_bench.py                  # every case in CASES: ~30 minutes on 2 cores
     python bench/token_bench.py 10MB 100MB       # only these cases
+    python bench/token_bench.py writers          # artifacts.samples_written vs datasets' public way
 
 Offline, and outside the repo: the corpora are cut from text found on this machine (Python
 sources, /usr/share docs, ...) into BENCH["work_dir"], and a byte-level BPE of GPT-J's size is
@@ -52,10 +53,21 @@ CASES = {
     "1GB-one-file": dict(bytes=10 ** 9, files=1, nice=10),
 }
 
+# "writers": a 1 GB corpus's samples (synthetic ids), written by artifacts.samples_written and by
+# datasets' public way, Dataset.from_generator then save_to_disk: its peak RSS and time.
+WRITERS = {"samples": 149_533, "ways": ["samples_written", "from_generator"]}
+
 GIB = 2 ** 30
 
 
 def main():
+    if sys.argv[1:] == ["writers"]:
+        record = {"date": datetime.date.today().isoformat(), "commit": measured_commit(),
+                  "command": "python bench/token_bench.py writers", **WRITERS}
+        record.update((way, writer_run(way)) for way in WRITERS["ways"])
+        save("writers", record)
+        print(json.dumps(record, indent=1), flush=True)
+        return
     names = sys.argv[1:] or list(CASES)
     unknown = [name for name in names if name not in CASES]
     if unknown:
@@ -304,6 +316,54 @@ def text_batches(files, piece_chars, batch_chars):
                     break
     if batch:
         yield batch
+
+
+def writer_run(way):
+    folder = Path(BENCH["work_dir"]) / f"writer-{way}"
+    shutil.rmtree(folder, ignore_errors=True)
+    command = [sys.executable, "-c", CHILD, str(REPO / "bench"), "write_samples", way, str(folder)]
+    run = measure(command, 0, REPO, folder.with_name(folder.name + ".log"))
+    run.pop("output")
+    run["dataset_bytes"] = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    shutil.rmtree(folder)
+    return run
+
+
+def write_samples(way, folder):
+    """WRITERS["samples"] samples of random ids (full blocks) written into folder one way or the
+    other, in batches of 512 as token_split.py cuts them."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    import artifacts
+    from token_split import sample_columns
+
+    block_size, dtype, rng = BENCH["block_size"], np.uint16, np.random.default_rng(0)
+
+    def batches():
+        for start in range(0, WRITERS["samples"], 512):
+            rows = min(512, WRITERS["samples"] - start)
+            ids = rng.integers(0, BENCH["vocab_size"], (rows, block_size), dtype=dtype)
+            yield sample_columns(ids, np.full(rows, block_size))
+
+    if way == "samples_written":
+        Path(folder).mkdir(parents=True)
+        with artifacts.samples_written(folder, block_size, dtype) as (write, _):
+            for columns in batches():
+                write("train", columns)
+        return way
+    import datasets
+
+    def samples():  # from_generator takes one sample at a time
+        for columns in batches():
+            for row in range(len(columns["input_ids"])):
+                yield {name: values[row] for name, values in columns.items()}
+
+    features = artifacts.sample_features(block_size, dtype)
+    train = datasets.Dataset.from_generator(samples, features=features,
+                                            cache_dir=str(Path(folder) / "cache"))
+    datasets.DatasetDict(train=train).save_to_disk(str(Path(folder) / "dataset"))
+    return way
 
 
 def start_worker(tokenizer_dir):
