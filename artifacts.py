@@ -211,9 +211,10 @@ def samples_written(folder, block_size, dtype):
 
     Not datasets' public way, Dataset.from_generator and then save_to_disk (whose memory-mapped
     copy counts against RAM): for the 150k samples (2.1 GB) of a 1 GB corpus it took 2.24 GiB of
-    RAM and 170 s, where this takes 0.17 GiB and 12 s; the bounds are 2 GiB and 1.2x the tokenizer
-    alone, ~200 s (bench/token_bench.py). So datasets lays out the folder for an empty dataset with
-    these columns, naming each split's one data file in its state.json, and the samples go there."""
+    RAM and 145 s, where this takes 0.17 GiB and 8 s (`python bench/token_bench.py writers`); the
+    bounds are 2 GiB, and 1.2x the tokenizer alone (~200 s). So datasets lays out the folder for an
+    empty dataset with these columns, naming each split's one data file in its state.json, and the
+    samples go there."""
     import datasets
     import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
