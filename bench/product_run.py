@@ -73,8 +73,13 @@ def make(megabytes=5.0):
     torch.set_default_dtype(torch.float16)
     with torch.device("cuda"):  # 6 billion random weights: seconds on the GPU, minutes on the CPU
         model = GPTJForCausalLM(GPTJConfig(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(FOLDERS["safetensors"])
+    # transformers 5 writes safetensors whatever save_pretrained is told; the pickle older hub folders hold
+    # (pytorch_model.bin) is written as torch.save writes it, with the same config beside it
+    model.config.save_pretrained(FOLDERS["pickle"])
+    torch.save({name: tensor.cpu() for name, tensor in model.state_dict().items()},
+               FOLDERS["pickle"] / "pytorch_model.bin")
     for name, folder in FOLDERS.items():
-        model.save_pretrained(folder, safe_serialization=name == "safetensors")
         tokenizer.save_pretrained(folder)
         print(f"{name}: {sorted(p.name for p in folder.iterdir())} in {time.time() - started:.0f} s", flush=True)
     del model
@@ -84,8 +89,8 @@ def make(megabytes=5.0):
 
 
 def load(weights_format, setup_name):
-    """finetune.load_model() on one folder, in a process started as the launcher would: its peak host memory
-    (anonymous and file-backed pages apart), the machine's, and the time."""
+    """finetune.load_model() on one folder, in a process started as the launcher would, until the weights are
+    on the GPU: its peak host memory (anonymous and file-backed pages apart), the machine's, and the time."""
     if os.environ.get("LOCAL_RANK") is None:  # start the measured process, alone
         environment = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(free_port()))
@@ -107,11 +112,14 @@ def load(weights_format, setup_name):
     started = time.time()
     model = finetune.load_model(AutoConfig.from_pretrained(folder), setup, arguments)
     seconds = time.time() - started
+    if not next(model.parameters()).is_cuda:  # ZeRO-2 (LoRA): the Trainer moves the weights read to the GPU
+        model.to("cuda")
+    moved = time.time() - started
     watcher.stop()
     record = {**describe(f"load-{weights_format}-{setup_name}", setup_name), "ok": True,
               "weights_format": weights_format, "files": sorted(p.name for p in folder.iterdir()),
               "files_gb": round(sum(p.stat().st_size for p in folder.iterdir()) / 1e9, 2),
-              "load_s": round(seconds, 1), "host_rss_peak_gib": round(resource.getrusage(
+              "load_s": round(seconds, 1), "on_gpu_s": round(moved, 1), "host_rss_peak_gib": round(resource.getrusage(
                   resource.RUSAGE_SELF).ru_maxrss / 2**20, 1), **watcher.peaks(),
               "model_on": str(next(model.parameters()).device),
               "command": f"python3 bench/product_run.py load {weights_format} {setup_name}"}
