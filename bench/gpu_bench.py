@@ -345,6 +345,7 @@ def run_point(name):
     record["pin_memory"] = config["zero_optimization"]["offload_param"].get("pin_memory")
     batch = point["batch"]
     finetune.TRAINING.update(per_device_train_batch_size=batch, gradient_accumulation_steps=point["accumulation"],
+                             per_device_eval_batch_size=batch,
                              max_steps=point["steps"], logging_steps=1, **point.get("training", {}))
     lora_training = finetune.LORA_TRAINING if setup["lora"] else {}  # as finetune.main(); the point's own last
     arguments = finetune.training_arguments(config, {**finetune.TRAINING, **lora_training, **point.get("training", {})})
