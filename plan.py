@@ -325,6 +325,8 @@ def choose_setup(choice, parameters, facts, training, full_batch, machine):
                                "gradient_accumulation_steps": setup["accumulation"],
                                "per_device_eval_batch_size": setup["batch"] if eval_batch == "auto"
                                else eval_batch}
+    setup["step_seconds"] = (setup["batch"] * setup["accumulation"] * machine["gpus"] * block_size
+                             / setup["estimate"] if setup["estimate"] else None)
     counts, epochs = facts.get("counts"), training.get("num_train_epochs", 1)
     setup["optimizer_steps"] = (optimizer_steps(counts["train"]["samples"], setup["batch"],
                                                 setup["accumulation"], machine["gpus"], epochs)
@@ -450,8 +452,10 @@ def check_disk(parameters, setup, files, checkpoints, on_gpu):
     if not written:
         return (f"{model}; no checkpoint: {steps} optimizer step(s), fewer than "
                 f"CHECKPOINTS['every_steps'] = {every} ({each}; a killed run starts over).")
+    apart = (f", ~{duration(every * setup['step_seconds'])} apart on this card"
+             if setup.get("step_seconds") else "")
     return (f"{model}, up to {amount(checkpoint_bytes * written / 1e9)} GB of checkpoints "
-            f"({written} x {each}, every {every} steps).")
+            f"({written} x {each}, every {every} steps{apart}).")
 
 
 def existing_parent(folder):

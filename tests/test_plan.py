@@ -242,3 +242,23 @@ def test_auto_picks_a_setup_that_fits_each_machine_and_says_why(gpu_gib, host_in
     assert setup["report"].startswith(f"Set-up: {expected} ({setup['description']}), from SETUP = \"auto\"")
     for name in plan.SETUPS:  # every other set-up is listed, with what it needs or why it does not fit
         assert f"\n  {name:<13} {plan.SETUPS[name]['description']}: " in setup["report"]
+
+
+@pytest.mark.disk_size("4m")
+def test_a_run_shorter_than_the_checkpoint_interval_needs_no_checkpoint_space(small_disk, tmp_path, tiny_model,
+                                                                              configure):
+    """2 optimizer steps with a checkpoint every 20: none is written, so none is counted (the tiny model's two
+    checkpoints, 16 bytes a parameter each, would not fit this 4 MiB disk beside the model)."""
+    from conftest import run_finetune
+    from test_finetune import settings_for
+
+    dataset_dir = make_dataset(tmp_path, tiny_model, configure)
+    settings = settings_for(small_disk, tiny_model, dataset_dir, per_device_train_batch_size=26,
+                            gradient_accumulation_steps=1, num_train_epochs=1)
+    settings["CHECKPOINTS"] = {"every_steps": 20}
+    output = run_finetune(settings)
+    assert "no checkpoint: 2 optimizer step(s), fewer than CHECKPOINTS['every_steps'] = 20" in output
+    assert (small_disk / "out" / "model.safetensors").is_file() and not (small_disk / "checkpoints").exists()
+    parameters = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
+        tiny_model).parameters())
+    assert 4 * parameters + 2 * 16 * parameters > 4 * 2**20  # the old plan (keep + 1 checkpoints) would stop
