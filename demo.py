@@ -8,13 +8,13 @@ token_split.py -> `deepspeed finetune.py` (ZeRO-3, through DeepSpeed's launcher)
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import psutil
 
+import failures
 import finetune
 import infer_test
 import tiny_gptj
@@ -74,7 +74,7 @@ def run_finetune_with_launcher():
     if not cuda_available():  # the threads Accelerate picks on CPUs, set, not warned about
         environment.setdefault("OMP_NUM_THREADS", str(psutil.cpu_count(logical=False) or 1))
     # -q: the launcher's own lines (its command, ranks, "Unable to find hostfile") only on errors
-    command = ["deepspeed", "-q", "--num_gpus", "1", "--master_port", str(free_port()), __file__,
+    command = ["deepspeed", "-q", "--num_gpus", "1", "--master_port", str(failures.free_port()), __file__,
                "finetune"]
     subprocess.run(command, env=environment, check=True)
 
@@ -93,13 +93,6 @@ def cuda_available():
     import torch
 
     return torch.cuda.is_available()
-
-
-def free_port():
-    """A port nobody listens on: DeepSpeed's default 29500 collides when two runs overlap."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":

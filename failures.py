@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -47,6 +48,14 @@ def silence_false_alarms():
     if not getattr(comm.build_shm_op, "quiet", False):
         comm.build_shm_op = quiet(comm.build_shm_op)
     announce_op_builds()
+
+
+def free_port():
+    """A port nobody listens on, for the launcher's --master_port: DeepSpeed's default 29500
+    collides when two runs overlap (the second dies with "address already in use")."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def not_an_accumulation_mismatch(record):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import failures  # noqa: E402  (the product's own helpers)
 import plan  # noqa: E402
-from demo import free_port  # noqa: E402
+from failures import free_port  # noqa: E402
 
 OUTSIDE_ALLOCATOR_GIB = 2.2  # measured: the DeepSpeed process holds 1.65-2.2 GiB outside PyTorch's allocator
 PEAK_FLOPS = 790e12  # measured dense bf16/fp16 matmul rate of the H200 (8192^3 products)

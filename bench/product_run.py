@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from demo import free_port  # noqa: E402
+from failures import free_port  # noqa: E402
 
 WORK = Path(os.environ.get("BENCH_WORK", "/tmp/full"))
 FOLDERS = {"safetensors": WORK / "gptj-6b-safetensors", "pickle": WORK / "gptj-6b-pickle"}

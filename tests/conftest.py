@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import tiny_gptj  # noqa: E402
-from demo import free_port  # noqa: E402,F401  (the product's own, for the launcher's port)
+from failures import free_port  # noqa: E402,F401  (the product's own, for the launcher's port)
 
 
 @pytest.fixture(scope="session")
