@@ -29,8 +29,8 @@ MODEL = {
     "revision": "float16",  # hub branch: GPT-J's FP16 weights, a 12 GB download instead of 24 GB
 }
 
-# Where weights and optimizer state live. "auto" picks, before anything loads, the first of these
-# that fits this machine and says why; a name forces one (README: "Which set-up"). Full: "gpu"
+# Where weights and optimizer state live. "auto" picks, before anything loads, full fine-tuning where
+# it fits, else LoRA, the fastest on this card, and says why; a name forces one (README). Full: "gpu"
 # (nothing offloaded), "ram-pinned", "ram-optimizer" (weights on the GPU), "ram" (offloaded to RAM),
 # "disk" (optimizer state in FILES["offload_dir"]: least RAM, slow). LoRA (LORA below) beside a
 # frozen model that the GPUs hold, "lora" (ZeRO-2), or RAM holds and streams to them, "lora-ram".
@@ -67,7 +67,7 @@ MACHINE = {  # the machine to plan for; None: this machine's
 }
 
 # Samples (of block_size tokens) per optimizer step, all GPUs together: 64 x 2048 = 131,072 tokens.
-# Fewer give more, noisier steps (a 5 MB corpus, ~600 samples, makes ~10 a epoch at 64); more
+# Fewer give more, noisier steps (a 5 MB corpus, ~600 samples, makes ~10 an epoch at 64); more
 # spread CPU Adam's ~6 s step over more micro-steps (faster where the optimizer state is in RAM).
 FULL_BATCH = 64
 
