@@ -236,19 +236,32 @@ def samples_written(folder, block_size, dtype):
         path = Path(folder) / split / data_file["filename"]
         writers[split] = ArrowWriter(features=features, path=str(path))
 
+    # Samples are held until they make ~1M tokens, then written as one Arrow record batch: the
+    # read-back below touches every batch's pages, so 60-sample batches (one a document) took 0.31
+    # GiB of RAM for 150k samples, 512-sample batches 0.17 GiB.
+    held, batch_samples = {"train": [], "validation": []}, max(1, 2 ** 20 // block_size)
+
     def write(split, columns):
         rows = len(columns["input_ids"])
         if rows:
-            writers[split].write_table(pa.table({
+            held[split].append(pa.table({
                 name: pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), block_size)
                 for name, values in columns.items()}))
             tokens = int(columns["attention_mask"].sum())  # the mask is 1 on real tokens
             counts[split]["samples"] += rows
             counts[split]["tokens"] += tokens
             counts[split]["padding_tokens"] += rows * block_size - tokens
+            if sum(table.num_rows for table in held[split]) >= batch_samples:
+                flush(split)
+
+    def flush(split):
+        if held[split]:
+            writers[split].write_table(pa.concat_tables(held[split]).combine_chunks())
+            held[split] = []
 
     yield write, counts
-    for writer in writers.values():
+    for split, writer in writers.items():
+        flush(split)
         writer.finalize()
         writer.close()
     saved = datasets.load_from_disk(str(folder))
