@@ -186,7 +186,7 @@ def save(trainer, facts, setup):
             shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed while saving
         # ZeRO-3: every process takes part, each holding a shard of the weights that are gathered
         # into one 16-bit state dict (stage3_gather_16bit_weights_on_model_save); process 0 saves.
-        memory_savers.drop_optimizer_state(trainer)  # the final checkpoint holds it: room to gather
+        memory_savers.drop_optimizer_state(trainer)  # training is over: room to gather
         trainer.save_model(partial / "lora_adapter" if setup["lora"] else partial)  # LoRA: adapters
         if not trainer.is_world_process_zero():
             return

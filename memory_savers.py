@@ -114,8 +114,7 @@ def lean_zero3_overflow_check():
 def drop_optimizer_state(trainer):
     """Less host RAM for the final save: ZeRO-3 gathers a 16-bit copy of the weights into the first
     process's RAM (11.3 GiB for GPT-J), while Adam's moments and the fp32 gradients (67 GiB of RAM
-    with the optimizer offloaded) would still be there. Training is over and the last checkpoint
-    holds them."""
+    with the optimizer offloaded) would still be there. Training is over: nothing needs them."""
     zero = trainer.deepspeed.optimizer if trainer.is_deepspeed_enabled else None
     if not hasattr(zero, "fp32_partitioned_groups_flat"):
         return

@@ -143,7 +143,7 @@ def test_dataset_longer_than_the_models_context_is_refused_before_loading(tmp_pa
 
 @pytest.mark.parametrize("model", ["EleutherAI/gpt-j-6B", "no/such/folder"])
 def test_a_model_out_of_reach_is_said_in_one_sentence(tmp_path, tiny_model, configure, model):
-    """No network (HF_HUB_OFFLINE=1 fails at once where a cut cable retries first), or a folder that is not
+    """No network (HF_HUB_OFFLINE=1, or a hub that does not answer: failures.model_within_reach), or a folder that is not
     there: one sentence that says where the model comes from and which setting to change, no traceback."""
     dataset_dir = make_dataset(tmp_path, tiny_model, configure)
     code = (f"import finetune; finetune.FILES['dataset_dir'] = {dataset_dir!r}; "
