@@ -31,20 +31,21 @@ def step(card_gib, batch, accumulation, tokens_per_s, micro_step_s, forward_s, o
 # every record, bench/RESULTS.md tells them): host RAM at peak, GPU memory (the largest per-device
 # batch of 2048 tokens per card size, or a fixed part, a part per parameter that ZeRO-3 splits
 # between the GPUs, and a part per sample), disk, and its steps' times (speed.py scales them to
-# another card). "auto_margin": samples "auto" stays below the largest batch that held a short run.
+# another card). Each figure is measured unless its comment says "assumed" or "projected".
+# "auto_margin": samples "auto" stays below the largest batch that held a short run.
 MEASURED = {
     "parameters": 6.05e9,  # GPT-J-6B; the GPU figures hold for it only
     "gpu": {
-        "host_gib": 3,  # Python's and the libraries' (training peaked at 12.8 GiB)
-        "host_bytes_per_parameter": 2,  # the 16-bit weights gathered into RAM to be saved
+        "host_gib": 3,  # assumed: Python's and the libraries' (training peaked at 12.8 GiB)
+        "host_bytes_per_parameter": 2,  # assumed: the 16-bit weights gathered into RAM to be saved
         "gpu_bytes_per_parameter": 16,  # FP16 weights and gradients, fp32 master, Adam m and v
         "gpu_mib_fixed": 4200,  # the CUDA context and ZeRO-3's buffers: 115,649 MiB in all at B=26
-        "gpu_mib_per_sample": 737,  # as offloaded (the activations are the same)
+        "gpu_mib_per_sample": 737,  # assumed as offloaded (the activations are the same)
         "steps": [step(139.8, 26, 4, 10920, 4.825, 1.221, 0.205, 16, "gpu-b26, 2026-12-01")],
     },
     "ram-pinned": {
-        # 154.1 GiB before the lean overflow check (17 GiB) and the cached pinned memory handed
-        # back; with them, killed at a 124 GiB limit: counted as 137 GiB until measured.
+        # assumed (137 GiB): 154.1 GiB measured before the lean overflow check (17 GiB) and the
+        # cached pinned memory handed back; with them, killed at a 124 GiB limit
         "host_bytes_per_parameter": 24.3,
         "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # measured unpinned; pinned +104 MiB at 24
         "gpu_mib_per_sample": 737,
@@ -69,7 +70,7 @@ MEASURED = {
         "steps": [step(24, 26, 8, 6513, 7.494, 1.311, 5.45, 16, "ram-24-save, 2026-12-01")],
     },
     "lora": {
-        "host_gib": 3,  # Python's and the libraries'
+        "host_gib": 3,  # assumed: Python's and the libraries'
         # the FP16 model read into RAM before it goes to the GPU (peak 12.2 GiB); at the end the
         # base model again, to merge the adapters into (bench/merge_bench.py: 11.7 GiB at the peak)
         "host_bytes_per_parameter": 2,
@@ -81,7 +82,7 @@ MEASURED = {
                   step(24, 12, 2, 14783, 1.669, 0.528, -0.013, 16, "lora-24, 2026-12-02")],
     },
     "lora-ram": {
-        "host_gib": 3,  # Python's and the libraries' (training peaked at 13.8 GiB)
+        "host_gib": 3,  # assumed: Python's and the libraries' (training peaked at 13.8 GiB)
         "host_bytes_per_parameter": 4,  # frozen FP16 weights, pinned; at the end the model to merge
         # each held over 24 steps (at 8 and 12 GiB, B=4 and 10 fitted 2 steps, then ran out of memory)
         "largest_batch": {8: 3, 12: 9, 16: 15},
@@ -93,7 +94,7 @@ MEASURED = {
     "disk": {
         "host_bytes_per_parameter": 8.92,  # 50.3 GiB: FP16 weights and gradients; the rest in files
         "disk_bytes_per_parameter": 16,  # 96.8 GB of files: fp32 master weights, m, v, gradients
-        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # as in RAM (the GPU side is the same)
+        "largest_batch": {8: 2, 12: 10, 16: 14, 24: 26},  # assumed as in RAM (same GPU side)
         "gpu_mib_per_sample": 737,
         "auto_margin": 1,  # as ram-pinned
         # Projected: the full model's 97 GB of files do not fit the one-GPU machine's disk; GPT-J with
