@@ -20,8 +20,6 @@ import time
 import warnings
 from pathlib import Path
 
-import checkpoints
-
 
 def prepare():
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the launcher's "stop": like Ctrl-C
@@ -196,6 +194,8 @@ def stop(reason, trainer, checkpoint_dir):
     # a second Ctrl-C, or the launcher's SIGTERM, must not cut this short
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import checkpoints  # here, not at the top: token_split.py uses this module without the Trainer
+
     newest = checkpoints.complete_checkpoints(checkpoint_dir)
     where = (f"The newest complete checkpoint is {newest[-1]}: run `deepspeed finetune.py` again "
              f"to continue from it (delete {checkpoint_dir}/ to start over)." if newest else

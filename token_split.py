@@ -37,8 +37,8 @@ def main():
         documents, skipped = corpus.check_text_files(files, text_dir)
         # Written beside the old dataset and swapped in at the end (artifacts.py): an error or
         # Ctrl-C leaves the old one as it was, and nothing half-written beside it.
-        setting = "SETTINGS['dataset_dir']"
-        with artifacts.written_whole(dataset_dir, "token_split.py", setting) as partial:
+        with artifacts.written_whole(dataset_dir, "token_split.py",
+                                     "SETTINGS['dataset_dir']") as partial:
             tokenizer = load_tokenizer(SETTINGS["tokenizer"])
             token_counts = tokenize(documents, text_dir, tokenizer, partial / TOKENS_FILE)
             split = split_train_validation(token_counts, SETTINGS)
@@ -204,8 +204,7 @@ def dataset_facts(settings, tokenizer, documents, skipped, token_counts, split, 
         **{key: settings[key] for key in ("block_size", "validation_share", "seed")},
         "split": split["method"],
         **split["held_out"],  # validation_documents or validation_blocks: anyone can rebuild it
-        "documents": len(documents), "tokens": sum(token_counts),
-        "counts": sample_counts,
+        "documents": len(documents), "tokens": sum(token_counts), "counts": sample_counts,
         "files": [{"path": name, "tokens": count}
                   for (name, _), count in zip(documents, token_counts)],
         "skipped_files": skipped, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -228,23 +227,24 @@ def report(facts, notes, settings, seconds):
           f"tokens in all).")
     print(f"Validation split {facts['split']}.")
     print(f"Saved to {settings['dataset_dir']}/ in {seconds:.1f} s.\n")
-    # The batch plan: finetune.py's settings read as text (ast), not imported (torch, DeepSpeed)
-    finetune = ast.parse(Path(__file__).with_name("finetune.py").read_text()).body
-    values = {node.targets[0].id: node.value for node in finetune
-              if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
-    training = dict(zip(map(ast.literal_eval, values["TRAINING"].keys), values["TRAINING"].values))
-    micro, accumulation, epochs = (ast.literal_eval(training[key]) for key in (
-        "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"))
-    numbers = "auto" not in (micro, accumulation)  # TRAINING's own numbers, on every GPU
-    full_batch = micro * accumulation if numbers else ast.literal_eval(values["FULL_BATCH"])
-    steps = math.ceil(counts["train"]["samples"] / full_batch)
-    how = (f"runs it as {micro} per device x {accumulation} accumulation on each GPU" if numbers
-           else "splits it into micro-batches that fit the GPUs it finds")
-    print(f"Batch plan: full batch of {full_batch} samples{' on one GPU' * numbers} "
-          f"({full_batch * facts['block_size']:,} tokens) per optimizer step -> {steps:,} "
-          f"optimizer steps per epoch, {math.ceil(steps * epochs):,} in {epochs} epoch(s).\n"
-          f"finetune.py {how}, and prints its plan.")
+    full_batch, training = finetune_settings()  # how many optimizer steps these samples make
+    micro, accumulation = (training[key] for key in ("per_device_train_batch_size",
+                                                     "gradient_accumulation_steps"))
+    one_gpu = "auto" not in (micro, accumulation)  # TRAINING's own numbers: full batch per GPU
+    full_batch = micro * accumulation if one_gpu else full_batch
+    steps, epochs = math.ceil(counts["train"]["samples"] / full_batch), training["num_train_epochs"]
+    print(f"Batch plan: {full_batch} samples ({full_batch * facts['block_size']:,} tokens) per "
+          f"optimizer step{' with one GPU' * one_gpu} -> {steps:,} optimizer steps per epoch, "
+          f"{math.ceil(steps * epochs):,} in {epochs} epoch(s); finetune.py prints its plan.")
 
+def finetune_settings():
+    """finetune.py's FULL_BATCH and TRAINING: its dicts if imported, else read from its source."""
+    if "finetune" in sys.modules:  # the demo and the tests change them; importing would load torch
+        return sys.modules["finetune"].FULL_BATCH, sys.modules["finetune"].TRAINING
+    source = ast.parse(Path(__file__).with_name("finetune.py").read_text()).body
+    values = {node.targets[0].id: ast.literal_eval(node.value) for node in source if isinstance(
+        node, ast.Assign) and getattr(node.targets[0], "id", "") in ("FULL_BATCH", "TRAINING")}
+    return values["FULL_BATCH"], values["TRAINING"]
 
 if __name__ == "__main__":
     main()
