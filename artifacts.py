@@ -57,7 +57,21 @@ def written_whole(target, script, setting):
 def start_partial(target, script, setting):
     """Make an empty `<target>.partial`, once target is known to be a folder this process can
     replace."""
+    check_replaceable(target, script, setting)
     target, partial, old = Path(target), partial_path(target), old_path(target)
+    try:
+        remove_folder(old)  # left by a run that could not delete it
+        remove_folder(partial)  # left by a run that was killed while writing
+        partial.mkdir(parents=True)
+    except OSError as error:
+        unwritable(target, script, setting, error.strerror)
+    return partial
+
+
+def check_replaceable(target, script, setting):
+    """Stop with the fix unless target can be replaced whole by a folder written beside it: run
+    before the long work (token_split.py's tokenizing, finetune.py's training)."""
+    target, old = Path(target), old_path(target)
     where = f"{setting} is '{target}'"
     if target.exists() and not target.is_dir():
         raise SystemExit(f"{script}: {where}, which is a file, not a folder. Move that file away, "
@@ -74,16 +88,22 @@ def start_partial(target, script, setting):
                              f"replaced: '{blocker}' cannot be deleted (a read-only file system, a "
                              f"protected file, or another user's). Remove it by hand, or set "
                              f"{setting} in {script} to another folder.")
-    try:
-        remove_folder(old)  # left by a run that could not delete it
-        remove_folder(partial)  # left by a run that was killed while writing
-        partial.mkdir(parents=True)
-    except OSError as error:
-        parent = next(folder for folder in partial.parents if folder.exists())
-        raise SystemExit(f"{script}: {where}, but nothing can be written in '{parent}' "
-                         f"({error.strerror}). Make that folder writable, or set {setting} in "
-                         f"{script} to a folder you can write to.") from None
-    return partial
+    parent = existing_parent(partial_path(target))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
+        unwritable(target, script, setting,
+                   "Read-only file system" if read_only else "Permission denied")
+
+
+def unwritable(target, script, setting, reason):
+    parent = existing_parent(partial_path(target))
+    raise SystemExit(f"{script}: {setting} is '{target}', but nothing can be written in '{parent}' "
+                     f"({reason}). Make that folder writable, or set {setting} in {script} to a "
+                     f"folder you can write to.")
+
+
+def existing_parent(path):
+    return next(folder for folder in Path(path).parents if folder.exists())
 
 
 def undeletable(folder):

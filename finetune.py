@@ -7,7 +7,6 @@ mark the lines specific to them. Helpers, one job each: plan, artifacts, checkpo
 """
 
 import os
-import shutil
 
 import deepspeed
 import torch
@@ -102,6 +101,7 @@ def main():
     # LoRA: its own learning rate; "auto" batch settings: the numbers the plan chose
     training = {**TRAINING, **(LORA_TRAINING if setup["lora"] else {}), **setup["batch_settings"]}
     disk_plan = plan.check_disk(parameters, setup, FILES, CHECKPOINTS, torch.cuda.is_available())
+    artifacts.check_replaceable(FILES["out_dir"], "finetune.py", "FILES['out_dir']")  # or stops
     arguments = training_arguments(ds_config.deepspeed_config(setup, FILES["offload_dir"]), training)
     samples = load_from_disk(FILES["dataset_dir"])
     gpus, first = arguments.world_size, arguments.process_index == 0  # shared checkpoint_dir
@@ -182,8 +182,8 @@ def save(trainer, facts, setup):
     partial = artifacts.partial_path(FILES["out_dir"])
     zero_stage = trainer.deepspeed.zero_optimization_stage() if trainer.is_deepspeed_enabled else 0
     with failures.disk_full_while_saving(trainer, partial, FILES):
-        if trainer.is_world_process_zero():
-            shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed while saving
+        if trainer.is_world_process_zero():  # empty, beside out/ (as token_split's dataset)
+            artifacts.start_partial(FILES["out_dir"], "finetune.py", "FILES['out_dir']")
         # ZeRO-3: every process takes part, each holding a shard of the weights that are gathered
         # into one 16-bit state dict (stage3_gather_16bit_weights_on_model_save); process 0 saves.
         memory_savers.drop_optimizer_state(trainer)  # training is over: room to gather

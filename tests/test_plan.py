@@ -262,3 +262,16 @@ def test_a_run_shorter_than_the_checkpoint_interval_needs_no_checkpoint_space(sm
     parameters = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
         tiny_model).parameters())
     assert 4 * parameters + 2 * 16 * parameters > 4 * 2**20  # the old plan (keep + 1 checkpoints) would stop
+
+
+def test_out_dir_that_cannot_be_replaced_is_refused_before_loading(gptj_6b_run, configure):
+    """out/ gets the checks token_split's dataset folder gets, before training rather than at its end."""
+    set_up(configure, "lora", host_ram_gib=64, gpu_memory_gib=24)
+    (gptj_6b_run / "a-file").write_text("not a folder")
+    configure(finetune.FILES, out_dir=str(gptj_6b_run / "a-file"))
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main()
+    assert str(stopped.value) == (f"finetune.py: FILES['out_dir'] is '{gptj_6b_run}/a-file', which is a file, not "
+                                  f"a folder. Move that file away, or set FILES['out_dir'] in finetune.py to "
+                                  f"another folder.")
+    assert not (gptj_6b_run / "checkpoints").exists()  # stopped before anything was written
