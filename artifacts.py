@@ -301,8 +301,8 @@ def read_dataset_facts(dataset_dir):
         state = "does not exist"
         if Path(dataset_dir).exists():
             state = "is incomplete (an earlier token_split.py run stopped half-way)"
-        raise SystemExit(f"the dataset folder '{dataset_dir}' {state}. Run `python token_split.py` "
-                         f"first.")
+        raise SystemExit(f"finetune.py: the dataset folder '{dataset_dir}' {state}. Run "
+                         f"`python token_split.py` first.")
     return json.loads(path.read_text())
 
 

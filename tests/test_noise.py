@@ -43,6 +43,29 @@ def test_a_hub_name_without_network_is_said_within_seconds(tmp_path, tiny_model,
     assert last.endswith("set MODEL['name'] in finetune.py to that folder.")
 
 
+def test_token_splits_tokenizer_without_network_is_said_within_seconds(tmp_path):
+    """token_split.py loads the tokenizer through the same check: offline, its sentence within seconds."""
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("Some text to split. " * 50)
+    code = ("import time, token_split\n"
+            "token_split.SETTINGS.update(text_dir='text', dataset_dir='dataset', tokenizer='EleutherAI/gpt-j-6B')\n"
+            "started = time.time()\n"
+            "try:\n"
+            "    token_split.main()\n"
+            "finally:\n"
+            "    print(f'took {time.time() - started:.1f} s', flush=True)\n")
+    environment = dict(os.environ, PYTHONPATH=str(REPO), HF_ENDPOINT="https://huggingface.invalid",
+                       HF_HOME=str(tmp_path / "empty-cache"))
+    environment.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env=environment)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert float(result.stdout.split("took ")[1].split(" s")[0]) <= 10
+    assert "Retrying in" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "token_split.py: cannot load the tokenizer 'EleutherAI/gpt-j-6B' (")
+
+
 def test_the_model_sentence_names_the_script_that_loads(monkeypatch):
     """token_split.py loads its tokenizer through the same sentence, with its own name and setting."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline already: no request is made
@@ -83,6 +106,6 @@ def test_a_failure_under_the_launcher_ends_with_our_sentence(tmp_path):
     output = result.stdout
     assert result.returncode == 1
     assert "Unable to find hostfile" not in output and "[INFO]" not in output and "Traceback" not in output
-    sentence = "the dataset folder 'data/tokenized' does not exist. Run `python token_split.py` first."
+    sentence = "finetune.py: the dataset folder 'data/tokenized' does not exist. Run `python token_split.py` first."
     after = output[output.index(sentence) + len(sentence):].strip().splitlines()
     assert len(after) == 1 and "[ERROR]" in after[0] and after[0].endswith("exits with return code = 1")
