@@ -10,6 +10,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# The runs the tests start (~60 processes) cache the bytecode they compile: with PYTHONDONTWRITEBYTECODE
+# set, each would compile torch, transformers and DeepSpeed from source again (~3 s each on 2 cores).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 import tiny_gptj  # noqa: E402
 from failures import free_port  # noqa: E402,F401  (the product's own, for the launcher's port)
