@@ -305,12 +305,13 @@ def choose_setup(choice, parameters, facts, training, full_batch, machine):
         # without a card's estimate, full fine-tuning in the order of SETUPS and the LoRA set-up
         # measured fastest on a card of this size.
         full = [option for option in fitting if not option["lora"]] or fitting
-        if machine["card"]:
+        estimated = all(option["estimate"] for option in full)  # GPT-J-6B on a known card
+        if estimated:
             setup = max(full, key=lambda option: option["estimate"])
         else:
             setup = full[0] if not full[0]["lora"] else max(full, key=measured_tokens_per_s)
         why = ('SETUP = "auto": full fine-tuning where it fits, else LoRA; '
-               + ('the fastest on this card' if machine["card"] else 'fastest first'))
+               + ('the fastest on this card' if estimated else 'fastest first'))
     else:
         setup, why = (next(option for option in options if option["name"] == choice),
                       f'SETUP = "{choice}"')

@@ -165,3 +165,11 @@ def test_the_plan_names_the_card_and_estimates_this_runs_time():
     seconds = 55 * micro + 10 * 5.711 + 2 * 3 * micro * 0.524 / 2.115
     assert f"-> ~{seconds / 60:.1f} min of training on this card" in chosen["report"]
     assert chosen["optimizer_steps"] == 10 == math.ceil(math.ceil(600 / 11) / 6)
+
+
+def test_a_model_that_was_not_measured_is_planned_without_an_estimate():
+    """Another model on a known card: no measured step to scale, so no estimate, and auto takes SETUPS in order."""
+    machine = plan.this_machine({"host_ram_gib": 64, "gpu_memory_gib": None, "gpu": "RTX 4090", "cpu_threads": 16})
+    chosen = plan.choose_setup("auto", 4e5, {"block_size": 64}, AUTO, 64, machine)
+    assert chosen["name"] == "gpu" and chosen["estimate"] is None and "Speed on this card" not in chosen["report"]
+    assert (chosen["batch"], chosen["accumulation"]) == (1, 64)  # nothing measured: one sample a micro-step
