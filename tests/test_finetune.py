@@ -1,4 +1,5 @@
-"""finetune.py through DeepSpeed's launcher with ZeRO-3 on CPU, on the tiny GPT-J; then infer_test.py."""
+"""finetune.py with ZeRO-3 on CPU, on the tiny GPT-J (one run and the multi-process ones through DeepSpeed's
+launcher, the others as the one process it starts); then infer_test.py."""
 
 import json
 import math
@@ -64,7 +65,7 @@ def trained(tmp_path_factory, tiny_model):
     with pytest.MonkeyPatch.context() as monkeypatch:
         configure = lambda settings, **values: [monkeypatch.setitem(settings, k, v) for k, v in values.items()]
         dataset_dir = make_dataset(tmp_path, tiny_model, configure)
-    output = run_finetune(settings_for(tmp_path, tiny_model, dataset_dir))
+    output = run_finetune(settings_for(tmp_path, tiny_model, dataset_dir), launcher=True)
     return tmp_path, output
 
 
@@ -169,7 +170,7 @@ def test_dataset_from_another_tokenizer_is_refused(tmp_path, tiny_model, configu
 
 
 def test_zero3_computes_what_plain_training_computes(tmp_path, tiny_model, configure):
-    """The same steps with ZeRO-3 (through the launcher) and with a plain Trainer: same losses and weights.
+    """The same steps with ZeRO-3 (as the launcher runs it) and with a plain Trainer: same losses and weights.
 
     Measured gap on CPU in fp32: ~3e-6 on losses, ~5e-6 on weights, while training moves weights by
     ~3e-2; 1e-4 leaves room for thread-count differences and still catches any real divergence."""

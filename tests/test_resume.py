@@ -1,6 +1,7 @@
 """A run killed at any moment resumes to the same result; Ctrl-C stops cleanly; failures say what to do.
 
-Each run goes through the real `deepspeed` launcher with ZeRO-3 on CPU. Kills are real SIGKILLs (what
+Each run is the process the `deepspeed` launcher starts (the Ctrl-C test goes through the launcher itself),
+with ZeRO-3 on CPU. Kills are real SIGKILLs (what
 the OOM killer or a power cut does), sent by the run to itself at a chosen moment (tests/run_finetune.py).
 """
 
@@ -93,6 +94,7 @@ def test_no_checkpoint_is_written_at_the_last_step(tmp_path, tiny_model, dataset
     assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))
 
 
+@pytest.mark.async_io
 def test_optimizer_state_on_disk_gives_the_same_model_and_resumes(tmp_path, configure, monkeypatch):
     """SETUP "disk" (ZeRO-Infinity): the optimizer state lives in files, the arithmetic is the in-RAM run's.
     DeepSpeed keeps state under 1 MiB in RAM, so this tiny GPT-J is twice as wide (~0.7 M parameters, 2.7 MB)."""
@@ -101,7 +103,8 @@ def test_optimizer_state_on_disk_gives_the_same_model_and_resumes(tmp_path, conf
     async_io = get_accelerator().create_op_builder("AsyncIOBuilder")
     if not async_io.is_compatible():
         pytest.skip("DeepSpeed's async I/O op needs libaio (./make-venv.sh fetches it; or apt install libaio-dev)")
-    # Compiled on first use (3-8 minutes on 2 cores): here, into the runs' cache, not inside a run's time limit.
+    # Compiled on first use (3-8 minutes on 2 cores), into the runs' cache, not inside a run's time limit:
+    # by conftest.py while the tests before this one ran; load() waits for that build to end.
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", extensions)
     async_io.load()
@@ -136,7 +139,7 @@ def test_optimizer_state_on_disk_gives_the_same_model_and_resumes(tmp_path, conf
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, tiny_model, dataset, uninterrupted):
     output = run_finetune(settings(tmp_path, tiny_model, dataset, KILL={"ctrl_c_after_step": 7}),
-                          expect_failure=True)
+                          expect_failure=True, launcher=True)
     checkpoint = tmp_path / "checkpoints" / "checkpoint-6"
     assert "finetune.py: stopped by Ctrl-C (or the launcher). Stopped at optimizer step 7." in output
     assert f"The newest complete checkpoint is {checkpoint}: run `deepspeed finetune.py` again" in output
