@@ -97,10 +97,16 @@ def pytest_configure(config):
 # DeepSpeed compiles its async I/O op on first use: minutes of a 2-core machine. When a selected test needs
 # it, a low-priority process compiles it into the runs' cache while the other tests run; the test's own
 # load() then waits on the build's lock. The lock is touched meanwhile, else a run would take it for stale.
+# Low priority across sessions too: Linux shares the CPU between sessions (autogroups) before nice counts,
+# and each run the tests start has a session of its own.
 COMPILE_ASYNC_IO = """
 import os, signal, sys, threading, time
 from pathlib import Path
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # ends the build through its finally: lock removed
+try:
+    Path("/proc/self/autogroup").write_text("19")
+except OSError:
+    pass
 from deepspeed.accelerator import get_accelerator
 builder = get_accelerator().create_op_builder("AsyncIOBuilder")
 def keep_lock_fresh():
@@ -120,7 +126,7 @@ def pytest_collection_modifyitems(config, items):
         environment.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
         config.async_io_build = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", COMPILE_ASYNC_IO],
                                                  env=environment, stdout=subprocess.DEVNULL,
-                                                 stderr=subprocess.DEVNULL)
+                                                 stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def pytest_unconfigure(config):
