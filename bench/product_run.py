@@ -4,6 +4,8 @@ run's time against the run's measured time, and the host RAM that loading each w
     python3 bench/product_run.py make [MB]            # corpus, BPE, random FP16 GPT-J-6B (two formats), dataset
     python3 bench/product_run.py load FORMAT SETUP    # finetune.load_model() reading that folder: host peak, time
     python3 bench/product_run.py run SETUP [GIB]      # `deepspeed finetune.py`, the GPU capped to GIB
+    python3 bench/product_run.py state VARIANT [GIB] [EPOCHS]  # ram-optimizer in bf16, one optimizer state:
+                                                      # exact, bf16-master or bf16-master-states (issue #28)
 
 The hub is out of reach: the model is GPTJConfig() (GPT-J-6B's shape) with random FP16 weights, saved as
 safetensors (`save_pretrained`'s default) and as a PyTorch pickle (`safe_serialization=False`); the text is
@@ -126,14 +128,31 @@ def load(weights_format, setup_name):
     save_record(record)
 
 
-def run(setup_name, gpu_gib=None, weights_format="safetensors"):
+# DeepSpeed 0.19.8's smaller optimizer states (issue #28): bytes a parameter in host RAM, with the bf16 weights
+# and gradients: exact Adam 16 (fp32 master weights, fp32 m and v), bf16 master weights 12, and bf16 moments 8.
+STATES = {
+    "exact": {},
+    "bf16-master": {"bf16": {"bf16_master_weights_and_grads": True}},
+    "bf16-master-states": {"bf16": {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}},
+}
+
+
+def state(variant, gpu_gib=24.0, epochs=8):
+    """One optimizer state of STATES through `ram-optimizer` in bf16, at the product's LR and schedule: the
+    same seed and data for each, a validation loss after every epoch (`make` with a small corpus: ~5
+    optimizer steps an epoch at FULL_BATCH 16)."""
+    run("ram-optimizer", gpu_gib, changes={"TRAINING": {"bf16": True, "num_train_epochs": int(epochs)},
+                                           "FULL_BATCH": 16, "DS_CONFIG": STATES[variant]}, variant=variant)
+
+
+def run(setup_name, gpu_gib=None, weights_format="safetensors", changes=None, variant=None):
     """`deepspeed --num_gpus 1 finetune.py` (through tests/run_finetune.py, which sets finetune.py's dicts from
     a JSON file): its plan's printed estimate against the Trainer's measured train_runtime."""
     out = WORK / "out"
     settings = {"MODEL": {"name": str(FOLDERS[weights_format]), "revision": None},
                 "FILES": {"dataset_dir": str(WORK / "dataset"), "out_dir": str(out),
                           "checkpoint_dir": str(WORK / "checkpoints"), "offload_dir": str(WORK / "nvme")},
-                "SETUP": setup_name, "MACHINE": {"gpu_memory_gib": gpu_gib}}
+                "SETUP": setup_name, "MACHINE": {"gpu_memory_gib": gpu_gib}, **(changes or {})}
     settings_file = WORK / f"{setup_name}.settings.json"
     settings_file.write_text(json.dumps(settings))
     (WORK / "site").mkdir(exist_ok=True)
@@ -153,10 +172,12 @@ def run(setup_name, gpu_gib=None, weights_format="safetensors"):
     process.wait()
     watcher.stop(), gpu.stop()
     output = "".join(lines)
-    record = {**describe(f"run-{setup_name}-{gpu_gib or 'full'}", setup_name), "ok": process.returncode == 0,
+    point = f"run-{setup_name}-{gpu_gib or 'full'}" + (f"-{variant}" if variant else "")
+    record = {**describe(point, setup_name), "ok": process.returncode == 0, "changes": changes,
               "vram_budget_gib": gpu_gib, "weights_format": weights_format, "wall_s": round(time.time() - started, 1),
               **watcher.peaks(), "gpu_used_peak_mib": gpu.peak_mib,
-              "command": f"python3 bench/product_run.py run {setup_name} {gpu_gib or ''}".strip()}
+              "command": f"python3 bench/product_run.py run {setup_name} {gpu_gib or ''}".strip() if not variant
+              else f"python3 bench/product_run.py state {variant} {gpu_gib}"}
     plan_lines = [line for line in lines if line.startswith(("Batch", "Speed on this card", "Estimated time",
                                                                "Set-up:", "Disk:"))]
     record["plan"] = [line.rstrip() for line in plan_lines]
@@ -172,8 +193,10 @@ def run(setup_name, gpu_gib=None, weights_format="safetensors"):
         record.update(measured_train_s=round(final["train_runtime"], 1), losses=[
             entry["loss"] for entry in log["log_history"] if "loss" in entry],
             validation_loss_before=log.get("validation_loss_before"),
-            validation_loss_after=log.get("validation_loss_after"),
-            train_tokens=log["dataset"]["counts"]["train"]["samples"] * log["dataset"]["block_size"])
+            validation_loss_after=log.get("validation_loss_after"), validation_losses=[
+                [entry["step"], entry["eval_loss"]] for entry in log["log_history"] if "eval_loss" in entry],
+            train_tokens=round(log["dataset"]["counts"]["train"]["samples"] * log["dataset"]["block_size"]
+                               * final.get("epoch", 1)))
         record["measured_tokens_per_s"] = round(record["train_tokens"] / final["train_runtime"], 1)
         if "estimated_s" in record:
             record["estimate_error"] = round(record["estimated_s"] / record["measured_train_s"] - 1, 3)
@@ -271,5 +294,7 @@ if __name__ == "__main__":
         make(*map(float, arguments))
     elif verb == "load":
         load(*arguments)
+    elif verb == "state":
+        state(arguments[0], *map(float, arguments[1:]))
     elif verb == "run":
         run(arguments[0], float(arguments[1]) if len(arguments) > 1 else None, *arguments[2:])

@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 1 tests/run_finetune.py settings.json   # {"MODEL": {...}, "SETUP": "ram", ...}
 
+An optional "DS_CONFIG" entry is merged into ds_config.DS_CONFIG (bench/: DeepSpeed's precision variants).
 The optional "KILL" entry makes the run kill itself with SIGKILL (what the OOM killer or a power cut
 does: no handler runs, nothing is flushed) at a chosen moment:
   {"after_step": N}      right after optimizer step N
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 import artifacts
+import ds_config
 import finetune
 
 
@@ -77,6 +79,7 @@ def arm(kill):
 if __name__ == "__main__":
     settings = json.loads(Path(sys.argv[-1]).read_text())  # the launcher puts --local_rank=N before it
     arm(settings.pop("KILL", {}))
+    ds_config.merge(ds_config.DS_CONFIG, settings.pop("DS_CONFIG", {}))
     for name, values in settings.items():
         if isinstance(getattr(finetune, name), dict):
             getattr(finetune, name).update(values)
