@@ -445,7 +445,6 @@ def build_gptj(arguments, overrides, lora, one_kernel_gelu=True):
     from transformers import AutoModelForCausalLM, GPTJConfig
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    import finetune
     import memory_savers
 
     torch.manual_seed(0)

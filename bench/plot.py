@@ -1,9 +1,11 @@
 """bench/results.json -> bench/results.png: per-device batch vs GPU memory, and vs tokens/s.
 
     pip install matplotlib && python bench/plot.py
+    python bench/plot.py states [RESULTS PNG]   # the optimizer states' loss curves (product_run.py state)
 """
 
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -63,5 +65,35 @@ def setup(record):
     return old.get(record["settings"], record["settings"])
 
 
+def states(results=HERE / "results.json", picture=HERE / "states.png"):
+    """Training and validation loss per optimizer step of each `product_run.py state` run, newest of each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for record in json.loads(Path(results).read_text()):
+        if record.get("ok") and record.get("command", "").startswith("python3 bench/product_run.py state"):
+            runs[record["command"].split()[3]] = record
+    figure, (train, validation) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for variant, record in runs.items():
+        train.plot(range(1, len(record["losses"]) + 1), record["losses"], linewidth=0.8, label=variant)
+        steps, losses = zip(*record["validation_losses"])
+        validation.plot(steps, losses, marker="o", label=f"{variant}: {losses[-1]:.4f}")
+    train.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
+    validation.set(xlabel="optimizer step", ylabel="validation loss", title="Validation loss (after each epoch)")
+    train.legend(fontsize=7), validation.legend(fontsize=7)
+    first = next(iter(runs.values()))
+    figure.suptitle(f"{first['model']} on {first['data']}, {first['gpu']}, ram-optimizer in bf16: "
+                    f"exact Adam against DeepSpeed's 16-bit states", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(picture, dpi=110)
+    print(f"wrote {picture}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["states"]:
+        states(*sys.argv[2:])
+    else:
+        main()

@@ -7,7 +7,6 @@ the OOM killer or a power cut does), sent by the run to itself at a chosen momen
 
 import json
 import os
-import subprocess
 import sys
 import time
 

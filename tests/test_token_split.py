@@ -1,7 +1,6 @@
 """token_split.py on real files with the tiny GPT-J tokenizer: exact token accounting, splits, bad input."""
 
 import json
-from pathlib import Path
 
 import pytest
 from datasets import load_from_disk
