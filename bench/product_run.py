@@ -1,7 +1,8 @@
 """GPT-J-6B at full size through the product's own commands, on the GPU machine: the plan's estimate of a
 run's time against the run's measured time, and the host RAM that loading each weights format takes.
 
-    python3 bench/product_run.py make [MB]            # corpus, BPE, random FP16 GPT-J-6B (two formats), dataset
+    python3 bench/product_run.py make [MB] [PICKLE]   # corpus, BPE, random FP16 GPT-J-6B (PICKLE 0: safetensors
+                                                      # only), dataset
     python3 bench/product_run.py load FORMAT SETUP    # finetune.load_model() reading that folder: host peak, time
     python3 bench/product_run.py run SETUP [GIB]      # `deepspeed finetune.py`, the GPU capped to GIB
     python3 bench/product_run.py state VARIANT [GIB] [EPOCHS]  # ram-optimizer in bf16, one optimizer state:
@@ -42,8 +43,9 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("BENCH_GPU_GIB"):
 """.format(outside=OUTSIDE_ALLOCATOR_GIB)
 
 
-def make(megabytes=5.0):
-    """The corpus, the tokenizer, GPT-J-6B with random FP16 weights in both formats, and the dataset."""
+def make(megabytes=5.0, pickle=1):
+    """The corpus, the tokenizer, GPT-J-6B with random FP16 weights in both formats (pickle=0: safetensors
+    only, 12 GB less disk and a minute less), and the dataset."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPTJConfig, GPTJForCausalLM, PreTrainedTokenizerFast
@@ -78,10 +80,12 @@ def make(megabytes=5.0):
     model.save_pretrained(FOLDERS["safetensors"])
     # transformers 5 writes safetensors whatever save_pretrained is told; the pickle older hub folders hold
     # (pytorch_model.bin) is written as torch.save writes it, with the same config beside it
-    model.config.save_pretrained(FOLDERS["pickle"])
-    torch.save({name: tensor.cpu() for name, tensor in model.state_dict().items()},
-               FOLDERS["pickle"] / "pytorch_model.bin")
-    for name, folder in FOLDERS.items():
+    formats = dict(FOLDERS) if pickle else {"safetensors": FOLDERS["safetensors"]}
+    if pickle:
+        model.config.save_pretrained(FOLDERS["pickle"])
+        torch.save({name: tensor.cpu() for name, tensor in model.state_dict().items()},
+                   FOLDERS["pickle"] / "pytorch_model.bin")
+    for name, folder in formats.items():
         tokenizer.save_pretrained(folder)
         print(f"{name}: {sorted(p.name for p in folder.iterdir())} in {time.time() - started:.0f} s", flush=True)
     del model
@@ -137,12 +141,14 @@ STATES = {
 }
 
 
-def state(variant, gpu_gib=24.0, epochs=8):
-    """One optimizer state of STATES through `ram-optimizer` in bf16, at the product's LR and schedule: the
-    same seed and data for each, a validation loss after every epoch (`make` with a small corpus: ~5
-    optimizer steps an epoch at FULL_BATCH 16)."""
-    run("ram-optimizer", gpu_gib, changes={"TRAINING": {"bf16": True, "num_train_epochs": int(epochs)},
-                                           "FULL_BATCH": 16, "DS_CONFIG": STATES[variant]}, variant=variant)
+def state(variant, gpu_gib=24.0, epochs=3):
+    """One optimizer state of STATES through `ram-optimizer` in bf16, at the product's LR and cosine
+    schedule with 5 warm-up steps (a random model's first full-LR Adam step throws its loss from 11 to 21):
+    the same seed and data for each, a validation loss after every epoch (`make 2.2`: ~16 optimizer steps an
+    epoch at FULL_BATCH 16). No checkpoints: one of exact Adam's is ~97 GB, more than the GPU machine's disk."""
+    run("ram-optimizer", gpu_gib, changes={
+        "TRAINING": {"bf16": True, "num_train_epochs": int(epochs), "warmup_steps": 5},
+        "FULL_BATCH": 16, "CHECKPOINTS": {"every_steps": None}, "DS_CONFIG": STATES[variant]}, variant=variant)
 
 
 def run(setup_name, gpu_gib=None, weights_format="safetensors", changes=None, variant=None):
@@ -177,7 +183,7 @@ def run(setup_name, gpu_gib=None, weights_format="safetensors", changes=None, va
               "vram_budget_gib": gpu_gib, "weights_format": weights_format, "wall_s": round(time.time() - started, 1),
               **watcher.peaks(), "gpu_used_peak_mib": gpu.peak_mib,
               "command": f"python3 bench/product_run.py run {setup_name} {gpu_gib or ''}".strip() if not variant
-              else f"python3 bench/product_run.py state {variant} {gpu_gib}"}
+              else f"python3 bench/product_run.py state {variant} {gpu_gib:g} {changes['TRAINING']['num_train_epochs']}"}
     plan_lines = [line for line in lines if line.startswith(("Batch", "Speed on this card", "Estimated time",
                                                                "Set-up:", "Disk:"))]
     record["plan"] = [line.rstrip() for line in plan_lines]
@@ -278,7 +284,12 @@ def describe(point, setup_name):
                                                                           * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]},
-            "model": "GPTJConfig() (GPT-J-6B), random FP16 weights", "data": "the machine's Python sources, BPE 8,192"}
+            "model": "GPTJConfig() (GPT-J-6B), random FP16 weights",
+            "data": f"the machine's Python sources ({corpus_mb():.1f} MB), BPE 8,192"}
+
+
+def corpus_mb():
+    return sum(path.stat().st_size for path in (WORK / "text").rglob("*.txt")) / 1e6
 
 
 def save_record(record):
