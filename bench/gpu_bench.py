@@ -102,6 +102,15 @@ POINTS = {
                                      host_limit_gib=120, ds=BLOCKS_AS_LEAVES, compile_blocks=True),
     "ram-optimizer-24-compile-hooked": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
                                             host_limit_gib=120, compile_blocks=True),  # ZeRO-3 hooks in the graphs
+    # Faster micro-steps (#28). host_activations: the last N GPT-J blocks are not recomputed in backward;
+    # what they save for it waits in pinned host RAM (bench/activation_bytes.py: its bytes a token). bind_cores:
+    # the process on the physical cores with as many OpenMP threads, as `deepspeed --bind_cores_to_rank` does.
+    "ram-optimizer-24-host2": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
+                                   host_activations=2),
+    "ram-optimizer-24-host4": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
+                                   host_activations=4),
+    "ram-optimizer-24-bind": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
+                                  host_limit_gib=120, bind_cores=True),
     "ram-twinflow-24": dict(setup="ram", budget=24, batch=14, accumulation=8, steps=2, host_limit_gib=120,
                             ds={"zero_optimization": {"offload_optimizer": {"ratio": 0.9},
                                                       "sub_group_size": 1e8}}),
@@ -156,6 +165,8 @@ POINTS = {
                                             config=dict(TINY, n_layer=10), ds=BLOCKS_AS_LEAVES, compile_blocks=True),
     "smoke-cpu-ram-optimizer-compile-hooked": dict(setup="ram-optimizer", budget=24, batch=2, accumulation=3,
                                                    steps=2, config=dict(TINY, n_layer=10), compile_blocks=True),
+    "smoke-cpu-ram-optimizer-host": dict(setup="ram-optimizer", budget=24, batch=2, accumulation=3, steps=2,
+                                         config=TINY, host_activations=1, bind_cores=True),
     "smoke-cpu-lora": dict(setup="lora", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
     "smoke-cpu-lora-ram": dict(setup="lora-ram", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
     "smoke-cpu-lora-ram-learn": dict(setup="lora-ram", budget=24, batch=2, accumulation=2, steps=12, config=TINY,
@@ -196,6 +207,12 @@ def run_in_own_process(name):
     if point.get("gpus", 1) > 1:  # through DeepSpeed's launcher, one process per GPU
         command = ["deepspeed", "--num_gpus", str(point["gpus"]), "--master_port",
                    environment["MASTER_PORT"], __file__, "--point", name]
+    if point.get("bind_cores"):
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+        command = ["taskset", "-c", f"0-{cores - 1}", *command]
+        environment["OMP_NUM_THREADS"] = str(cores)
     limit = host_limit(point.get("host_limit_gib"), environment)
     started = time.time()
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -362,8 +379,9 @@ def run_point(name):
                              zipf=point.get("data") == "zipf")
     disk_folder = NVME_PATH if setup["name"] == "disk" else None
     watcher, timer, started = MemoryWatcher(rank, disk_folder), StepTimer(), time.time()
+    callbacks = [timer, *([HostActivations(point["host_activations"])] if point.get("host_activations") else [])]
     try:
-        trainer = finetune.train(model, None, samples, arguments, callbacks=[timer],  # no tokenizer: not saved
+        trainer = finetune.train(model, None, samples, arguments, callbacks=callbacks,  # no tokenizer: not saved
                                  loss=None if original else memory_savers.causal_lm_loss)
     except SystemExit as stopped:  # finetune.train's own stop(): CUDA OOM and the like, said in words
         watcher.stop()
@@ -612,9 +630,51 @@ def step_timer_class():
     return StepTimer
 
 
+def host_activations_class():
+    import torch
+    from transformers import TrainerCallback
+
+    def pack(tensor):  # what autograd saves for backward: on the GPU -> pinned host RAM, weights apart
+        if isinstance(tensor, torch.nn.Parameter) or tensor.device.type != "cuda":
+            return tensor
+        host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return tensor.device, host
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=True)
+
+    class HostActivations(TrainerCallback):
+        """The last `layers` GPT-J blocks run without activation checkpointing (no recompute in backward),
+        what they save kept in pinned host RAM instead of the GPU's; set once the Trainer has turned
+        checkpointing on for every block. The copies run on the compute stream (as torch's save_on_cpu):
+        none overlaps compute, so this measures the lever's worst case (bench/RESULTS.md: its best case)."""
+
+        def __init__(self, layers):
+            self.layers = layers
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            blocks = model.get_decoder().h if hasattr(model, "get_decoder") else model.transformer.h
+            for block in blocks[-self.layers:]:
+                block.gradient_checkpointing = False
+
+                def hosted(*inputs, forward=block.forward, **keywords):
+                    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                        return forward(*inputs, **keywords)
+
+                block.forward = hosted
+            print(f"host_activations: blocks {len(blocks) - self.layers}-{len(blocks) - 1} of {len(blocks)} not "
+                  f"recomputed, what they save for backward in pinned host RAM", flush=True)
+
+    return HostActivations
+
+
 if __name__ == "__main__":
     if "--point" in sys.argv:  # a point's own process (the launcher may add --local_rank=N first)
-        StepTimer = step_timer_class()
+        StepTimer, HostActivations = step_timer_class(), host_activations_class()
         run_point(sys.argv[sys.argv.index("--point") + 1])
         failures.leave_together()  # as finetune.main() ends: left open, exit hung ~5 min, then aborted
     else:
