@@ -635,7 +635,8 @@ def host_activations_class():
     from transformers import TrainerCallback
 
     def pack(tensor):  # what autograd saves for backward: on the GPU -> pinned host RAM, weights apart
-        if isinstance(tensor, torch.nn.Parameter) or tensor.device.type != "cuda":
+        weight = isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter)  # W.t()
+        if weight or tensor.device.type != "cuda":
             return tensor
         host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=True)
         host.copy_(tensor, non_blocking=True)
