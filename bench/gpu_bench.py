@@ -111,6 +111,12 @@ POINTS = {
                                    host_activations=4),
     "ram-optimizer-24-bind": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
                                   host_limit_gib=120, bind_cores=True),
+    # fp8: each block's attention and MLP Linear layers in FP8 through torchao (its wheel in .whl/; cards with
+    # FP8: Ada, Hopper, Blackwell), the embeddings and lm_head as they were; in bf16, against its bf16 reference.
+    "ram-optimizer-24-bf16": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=5,
+                                  host_limit_gib=120, training={"bf16": True}),
+    "ram-optimizer-24-fp8": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=5,
+                                 host_limit_gib=120, training={"bf16": True}, fp8=True),
     "ram-twinflow-24": dict(setup="ram", budget=24, batch=14, accumulation=8, steps=2, host_limit_gib=120,
                             ds={"zero_optimization": {"offload_optimizer": {"ratio": 0.9},
                                                       "sub_group_size": 1e8}}),
@@ -167,6 +173,8 @@ POINTS = {
                                                    steps=2, config=dict(TINY, n_layer=10), compile_blocks=True),
     "smoke-cpu-ram-optimizer-host": dict(setup="ram-optimizer", budget=24, batch=2, accumulation=3, steps=2,
                                          config=TINY, host_activations=1, bind_cores=True),
+    "smoke-cpu-ram-optimizer-fp8": dict(setup="ram-optimizer", budget=24, batch=2, accumulation=3, steps=2,
+                                        config=TINY, fp8=True),
     "smoke-cpu-lora": dict(setup="lora", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
     "smoke-cpu-lora-ram": dict(setup="lora-ram", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
     "smoke-cpu-lora-ram-learn": dict(setup="lora-ram", budget=24, batch=2, accumulation=2, steps=12, config=TINY,
@@ -331,6 +339,8 @@ def describe(name, point):
         **({"lora_overrides": point["lora"]} if point.get("lora") else {}),
         **({"training_overrides": point["training"]} if point.get("training") else {}),
         **({"compiled": "each GPTJBlock's attn and mlp, torch.compile (Inductor)"} if point.get("compile_blocks") else {}),
+        **({"fp8": "each GPTJBlock's Linear layers, torchao Float8Linear (dynamic tensorwise scaling)"}
+           if point.get("fp8") else {}),
     }
 
 
@@ -369,6 +379,12 @@ def run_point(name):
     arguments.report_to = []  # no TensorBoard files for a benchmark
     lora = {**finetune.LORA, **point.get("lora", {})} if setup["lora"] else None
     model = build_gptj(arguments, point.get("config", {}), lora, one_kernel_gelu=not original)
+    if point.get("fp8"):
+        from torchao.float8 import convert_to_float8_training
+
+        # The blocks' Linear layers only (their dimensions are multiples of 16, as FP8 matmuls need).
+        convert_to_float8_training(model, module_filter_fn=lambda module, name: ".h." in f".{name}")
+        print(f"fp8: {sum(type(m).__name__ == 'Float8Linear' for m in model.modules())} Linear layers", flush=True)
     if point.get("compile_blocks"):
         # Dynamo guards each ZeRO-3 parameter's integer `ds_id` as a constant: one graph per block (torch 2.11),
         # past the default limit of 8, after which it runs the other blocks eagerly.
@@ -469,7 +485,7 @@ def build_gptj(arguments, overrides, lora, one_kernel_gelu=True):
     config = GPTJConfig(use_cache=False, **overrides)  # the defaults are GPT-J-6B: 28 layers, 4096 wide, 50,400 tokens
     if one_kernel_gelu:  # as finetune.load_model does; the original project kept GPT-J's 8-operation gelu_new
         config = memory_savers.one_kernel_gelu(config)
-    dtype = torch.float16 if arguments.fp16 else torch.float32
+    dtype = torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32
     # ZeRO-3 builds each layer partitioned on the GPU (zero.Init). LoRA's ZeRO-2 would build all 6 billion
     # random weights on the CPU, which took the GPU machine over 170 s a point, so they are built on the GPU.
     # The product reads the real weights into RAM first (that host RAM: the "lora" records before the 13th session).
