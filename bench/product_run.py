@@ -6,7 +6,8 @@ run's time against the run's measured time, and the host RAM that loading each w
     python3 bench/product_run.py load FORMAT SETUP    # finetune.load_model() reading that folder: host peak, time
     python3 bench/product_run.py run SETUP [GIB]      # `deepspeed finetune.py`, the GPU capped to GIB
     python3 bench/product_run.py state VARIANT [GIB] [EPOCHS]  # ram-optimizer in bf16, one optimizer state:
-                                                      # exact, bf16-master or bf16-master-states (issue #28)
+                                                      # exact, bf16-master, bf16-master-states, or fp8
+                                                      # (issue #28)
 
 The hub is out of reach: the model is GPTJConfig() (GPT-J-6B's shape) with random FP16 weights, saved as
 safetensors (`save_pretrained`'s default) and as a PyTorch pickle (`safe_serialization=False`); the text is
@@ -133,11 +134,14 @@ def load(weights_format, setup_name):
 
 
 # DeepSpeed 0.19.8's smaller optimizer states (issue #28): bytes a parameter in host RAM, with the bf16 weights
-# and gradients: exact Adam 16 (fp32 master weights, fp32 m and v), bf16 master weights 12, and bf16 moments 8.
+# and gradients: exact Adam 16 (fp32 master weights, fp32 m and v), bf16 master weights 12, and bf16 moments 8;
+# and exact Adam with the blocks' Linear layers in FP8 (torchao, through tests/run_finetune.py's "FP8").
 STATES = {
-    "exact": {},
-    "bf16-master": {"bf16": {"bf16_master_weights_and_grads": True}},
-    "bf16-master-states": {"bf16": {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}},
+    "exact": {"DS_CONFIG": {}},
+    "bf16-master": {"DS_CONFIG": {"bf16": {"bf16_master_weights_and_grads": True}}},
+    "bf16-master-states": {"DS_CONFIG": {"bf16": {"bf16_master_weights_and_grads": True,
+                                                  "bf16_optimizer_states": True}}},
+    "fp8": {"FP8": True},
 }
 
 
@@ -148,7 +152,7 @@ def state(variant, gpu_gib=24.0, epochs=3):
     epoch at FULL_BATCH 16). No checkpoints: one of exact Adam's is ~97 GB, more than the GPU machine's disk."""
     run("ram-optimizer", gpu_gib, changes={
         "TRAINING": {"bf16": True, "num_train_epochs": int(epochs), "warmup_steps": 5},
-        "FULL_BATCH": 16, "CHECKPOINTS": {"every_steps": None}, "DS_CONFIG": STATES[variant]}, variant=variant)
+        "FULL_BATCH": 16, "CHECKPOINTS": {"every_steps": None}, **STATES[variant]}, variant=variant)
 
 
 def run(setup_name, gpu_gib=None, weights_format="safetensors", changes=None, variant=None):

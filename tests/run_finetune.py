@@ -2,7 +2,8 @@
 
     deepspeed --num_gpus 1 tests/run_finetune.py settings.json   # {"MODEL": {...}, "SETUP": "ram", ...}
 
-An optional "DS_CONFIG" entry is merged into ds_config.DS_CONFIG (bench/: DeepSpeed's precision variants).
+An optional "DS_CONFIG" entry is merged into ds_config.DS_CONFIG (bench/: DeepSpeed's precision variants);
+"FP8": true trains the blocks' Linear layers in FP8 (bench/: torchao's Float8Linear, issue #28).
 The optional "KILL" entry makes the run kill itself with SIGKILL (what the OOM killer or a power cut
 does: no handler runs, nothing is flushed) at a chosen moment:
   {"after_step": N}      right after optimizer step N
@@ -76,10 +77,25 @@ def arm(kill):
         artifacts.write_training_log = kill_self  # runs after save_model wrote out.partial/, before the swap
 
 
+def train_in_fp8():
+    from torchao.float8 import convert_to_float8_training
+
+    load_model = finetune.load_model
+
+    def load_in_fp8(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        # The blocks' Linear layers only (their dimensions are multiples of 16, as FP8 matmuls need).
+        return convert_to_float8_training(model, module_filter_fn=lambda module, name: ".h." in f".{name}")
+
+    finetune.load_model = load_in_fp8
+
+
 if __name__ == "__main__":
     settings = json.loads(Path(sys.argv[-1]).read_text())  # the launcher puts --local_rank=N before it
     arm(settings.pop("KILL", {}))
     ds_config.merge(ds_config.DS_CONFIG, settings.pop("DS_CONFIG", {}))
+    if settings.pop("FP8", False):
+        train_in_fp8()
     for name, values in settings.items():
         if isinstance(getattr(finetune, name), dict):
             getattr(finetune, name).update(values)
