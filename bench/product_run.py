@@ -48,31 +48,12 @@ def make(megabytes=5.0, pickle=1):
     """The corpus, the tokenizer, GPT-J-6B with random FP16 weights in both formats (pickle=0: safetensors
     only, 12 GB less disk and a minute less), and the dataset."""
     import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPTJConfig, GPTJForCausalLM, PreTrainedTokenizerFast
+    from transformers import GPTJConfig, GPTJForCausalLM
 
     import token_split
 
     text = WORK / "text"
-    if not text.exists():
-        chosen, size = [], 0
-        for path in sorted(Path(sys.base_prefix, "lib").rglob("*.py")):
-            try:
-                content = path.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-            if content.strip() and size < megabytes * 1e6:
-                target = text / path.relative_to(sys.base_prefix).with_suffix(".txt")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(content, encoding="utf-8")
-                chosen.append(str(target))
-                size += len(content.encode())
-        print(f"corpus: {len(chosen)} files, {size / 1e6:.1f} MB of Python sources", flush=True)
-    files = sorted(str(path) for path in text.rglob("*.txt"))
-    bpe = ByteLevelBPETokenizer()
-    bpe.train(files, vocab_size=8192, special_tokens=["<|endoftext|>"], show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                        unk_token="<|endoftext|>", model_max_length=2048)
+    tokenizer = local_bpe(python_sources(text, megabytes), vocab_size=8192)
     started = time.time()
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)
@@ -93,6 +74,37 @@ def make(megabytes=5.0, pickle=1):
     token_split.SETTINGS.update(text_dir=str(text), dataset_dir=str(WORK / "dataset"),
                                 tokenizer=str(FOLDERS["safetensors"]), block_size=2048)
     token_split.main()
+
+
+def python_sources(text, megabytes):
+    """About `megabytes` of this machine's Python sources copied into `text` as .txt files (once): real text
+    that the hub's absence leaves us. Returns the files."""
+    if not text.exists():
+        size = 0
+        for path in sorted(Path(sys.base_prefix, "lib").rglob("*.py")):
+            try:
+                content = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            if content.strip() and size < megabytes * 1e6:
+                target = text / path.relative_to(sys.base_prefix).with_suffix(".txt")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(content, encoding="utf-8")
+                size += len(content.encode())
+    files = sorted(str(path) for path in text.rglob("*.txt"))
+    print(f"corpus: {len(files)} files, {corpus_mb():.1f} MB of Python sources", flush=True)
+    return files
+
+
+def local_bpe(files, vocab_size):
+    """A byte-level BPE trained on `files`, as a Transformers tokenizer with GPT-J's end-of-text token."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train(files, vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", model_max_length=2048)
 
 
 def load(weights_format, setup_name):
