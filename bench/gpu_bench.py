@@ -102,21 +102,26 @@ POINTS = {
                                      host_limit_gib=120, ds=BLOCKS_AS_LEAVES, compile_blocks=True),
     "ram-optimizer-24-compile-hooked": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
                                             host_limit_gib=120, compile_blocks=True),  # ZeRO-3 hooks in the graphs
-    # Faster micro-steps (#28). host_activations: the last N GPT-J blocks are not recomputed in backward;
-    # what they save for it waits in pinned host RAM (bench/activation_bytes.py: its bytes a token). bind_cores:
-    # the process on the physical cores with as many OpenMP threads, as `deepspeed --bind_cores_to_rank` does.
+    # Faster micro-steps (#28), in bf16 like FP8's reference below. host_activations: the last N GPT-J blocks
+    # are not recomputed in backward; what they save for it waits in pinned host RAM (bench/activation_bytes.py:
+    # its bytes a token). bind_cores: the process on the physical cores with as many OpenMP threads, as
+    # `deepspeed --bind_cores_to_rank` does.
     "ram-optimizer-24-host2": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
-                                   host_activations=2),
+                                   training={"bf16": True}, host_activations=2),
     "ram-optimizer-24-host4": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
-                                   host_activations=4),
+                                   training={"bf16": True}, host_activations=4),
     "ram-optimizer-24-bind": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
-                                  host_limit_gib=120, bind_cores=True),
+                                  host_limit_gib=120, training={"bf16": True}, bind_cores=True),
     # fp8: each block's attention and MLP Linear layers in FP8 through torchao (its wheel in .whl/; cards with
     # FP8: Ada, Hopper, Blackwell), the embeddings and lm_head as they were; in bf16, against its bf16 reference.
-    "ram-optimizer-24-bf16": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=5,
+    "ram-optimizer-24-bf16": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
                                   host_limit_gib=120, training={"bf16": True}),
-    "ram-optimizer-24-fp8": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=5,
+    "ram-optimizer-24-fp8": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
                                  host_limit_gib=120, training={"bf16": True}, fp8=True),
+    # torchao's FP8 casts fused into the blocks' compiled graphs (each block one ZeRO-3 leaf, as -compile)
+    "ram-optimizer-24-fp8-compile": dict(setup="ram-optimizer", budget=24, batch=11, accumulation=8, steps=2,
+                                         host_limit_gib=120, training={"bf16": True}, fp8=True,
+                                         ds=BLOCKS_AS_LEAVES, compile_blocks=True),
     "ram-twinflow-24": dict(setup="ram", budget=24, batch=14, accumulation=8, steps=2, host_limit_gib=120,
                             ds={"zero_optimization": {"offload_optimizer": {"ratio": 0.9},
                                                       "sub_group_size": 1e8}}),
@@ -175,6 +180,8 @@ POINTS = {
                                          config=TINY, host_activations=1, bind_cores=True),
     "smoke-cpu-ram-optimizer-fp8": dict(setup="ram-optimizer", budget=24, batch=2, accumulation=3, steps=2,
                                         config=TINY, fp8=True),
+    "smoke-cpu-ram-optimizer-fp8-compile": dict(setup="ram-optimizer", budget=24, batch=2, accumulation=3, steps=2,
+                                                config=TINY, fp8=True, ds=BLOCKS_AS_LEAVES, compile_blocks=True),
     "smoke-cpu-lora": dict(setup="lora", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
     "smoke-cpu-lora-ram": dict(setup="lora-ram", budget=24, batch=2, accumulation=3, steps=2, config=TINY),
     "smoke-cpu-lora-ram-learn": dict(setup="lora-ram", budget=24, batch=2, accumulation=2, steps=12, config=TINY,

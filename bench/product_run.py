@@ -5,9 +5,9 @@ run's time against the run's measured time, and the host RAM that loading each w
                                                       # only), dataset
     python3 bench/product_run.py load FORMAT SETUP    # finetune.load_model() reading that folder: host peak, time
     python3 bench/product_run.py run SETUP [GIB]      # `deepspeed finetune.py`, the GPU capped to GIB
-    python3 bench/product_run.py state VARIANT [GIB] [EPOCHS]  # ram-optimizer in bf16, one optimizer state:
-                                                      # exact, bf16-master, bf16-master-states, or fp8
-                                                      # (issue #28)
+    python3 bench/product_run.py state VARIANT [GIB] [EPOCHS] [SETUP]  # one optimizer state in bf16: exact,
+                                                      # bf16-master, bf16-master-states, or fp8 (issue #28);
+                                                      # ram-optimizer unless SETUP; GIB 0: the whole card
 
 The hub is out of reach: the model is GPTJConfig() (GPT-J-6B's shape) with random FP16 weights, saved as
 safetensors (`save_pretrained`'s default) and as a PyTorch pickle (`safe_serialization=False`); the text is
@@ -157,12 +157,13 @@ STATES = {
 }
 
 
-def state(variant, gpu_gib=24.0, epochs=3):
-    """One optimizer state of STATES through `ram-optimizer` in bf16, at the product's LR and cosine
+def state(variant, gpu_gib=24.0, epochs=3, setup_name="ram-optimizer"):
+    """One optimizer state of STATES through `ram-optimizer` (or another set-up) in bf16, at the product's LR and cosine
     schedule with 5 warm-up steps (a random model's first full-LR Adam step throws its loss from 11 to 21):
     the same seed and data for each, a validation loss after every epoch (`make 2.2`: ~16 optimizer steps an
-    epoch at FULL_BATCH 16). No checkpoints: one of exact Adam's is ~97 GB, more than the GPU machine's disk."""
-    run("ram-optimizer", gpu_gib, changes={
+    epoch at FULL_BATCH 16). No checkpoints: one of exact Adam's is ~97 GB, more than the GPU machine's disk.
+    `gpu` on a 139 GiB card (GIB 0) runs the same comparison in a third of ram-optimizer's time."""
+    run(setup_name, gpu_gib or None, changes={
         "TRAINING": {"bf16": True, "num_train_epochs": int(epochs), "warmup_steps": 5},
         "FULL_BATCH": 16, "CHECKPOINTS": {"every_steps": None}, **STATES[variant]}, variant=variant)
 
@@ -199,7 +200,8 @@ def run(setup_name, gpu_gib=None, weights_format="safetensors", changes=None, va
               "vram_budget_gib": gpu_gib, "weights_format": weights_format, "wall_s": round(time.time() - started, 1),
               **watcher.peaks(), "gpu_used_peak_mib": gpu.peak_mib,
               "command": f"python3 bench/product_run.py run {setup_name} {gpu_gib or ''}".strip() if not variant
-              else f"python3 bench/product_run.py state {variant} {gpu_gib:g} {changes['TRAINING']['num_train_epochs']}"}
+              else f"python3 bench/product_run.py state {variant} {gpu_gib or 0:g} "
+                   f"{changes['TRAINING']['num_train_epochs']} {setup_name}"}
     plan_lines = [line for line in lines if line.startswith(("Batch", "Speed on this card", "Estimated time",
                                                                "Set-up:", "Disk:"))]
     record["plan"] = [line.rstrip() for line in plan_lines]
@@ -322,6 +324,6 @@ if __name__ == "__main__":
     elif verb == "load":
         load(*arguments)
     elif verb == "state":
-        state(arguments[0], *map(float, arguments[1:]))
+        state(arguments[0], *map(float, arguments[1:3]), *arguments[3:])
     elif verb == "run":
         run(arguments[0], float(arguments[1]) if len(arguments) > 1 else None, *arguments[2:])
