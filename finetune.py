@@ -114,7 +114,7 @@ def main():
     model = load_model(config, setup, arguments)
     trainer = train(model, tokenizer, samples, arguments, checkpoint, setup["largest_batch"])
     save(trainer, facts, setup)
-    failures.leave_together()  # every process waits for out/, then the process group closes
+    failures.leave_together()  # every process waits for out/, then all end together
 
 
 def training_arguments(deepspeed_config, training):

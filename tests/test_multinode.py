@@ -170,3 +170,31 @@ def test_checkpoints_on_disks_of_their_own_stop_before_loading(dataset, tmp_path
         assert sentence.endswith("or set CHECKPOINTS['every_steps'] = None (no checkpoints; a killed run starts over).")
         assert "Batch plan" not in output and "Traceback" not in output  # before the model loads
         assert list((folder / "checkpoints").glob(".shared-*")) == []  # the probe file is gone
+
+
+def test_processes_end_together_without_the_interpreters_teardown(tmp_path):
+    """failures.leave_together(), as finetune.main() ends: every process passes the barrier, closes the
+    process group and ends with exit code 0, its output flushed, before Python's teardown (where the
+    collective library's threads can abort the process) and before anything after it."""
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import atexit, os, torch, torch.distributed as distributed\n"
+        "import failures\n"
+        "distributed.init_process_group('gloo')\n"
+        "total = torch.ones(4)\n"
+        "distributed.all_reduce(total)\n"
+        "atexit.register(print, 'teardown ran')\n"
+        "print(f\"rank {os.environ['RANK']} summed {total[0].item():g}\", end='')  # no newline: flushed?\n"
+        "failures.leave_together()\n"
+        "print('after leave_together')\n")
+    port = str(free_port())
+    processes = [subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, PYTHONPATH=str(REPO), RANK=str(rank), WORLD_SIZE="2",
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                 for rank in (0, 1)]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    for rank, (process, output) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, output
+        assert output.endswith(f"rank {rank} summed 2")
+        assert "after leave_together" not in output and "teardown ran" not in output
