@@ -1,8 +1,8 @@
 """GPT-J-6B at full size through the product's own commands, on the GPU machine: the plan's estimate of a
 run's time against the run's measured time, and the host RAM that loading each weights format takes.
 
-    python3 bench/product_run.py make [MB] [PICKLE]   # corpus, BPE, random FP16 GPT-J-6B (PICKLE 0: safetensors
-                                                      # only), dataset
+    python3 bench/product_run.py make [MB] [PICKLE] [LAYERS]  # corpus, BPE, random FP16 GPT-J-6B (PICKLE 0:
+                                                      # safetensors only; LAYERS: fewer blocks, same width), dataset
     python3 bench/product_run.py load FORMAT SETUP    # finetune.load_model() reading that folder: host peak, time
     python3 bench/product_run.py run SETUP [GIB]      # `deepspeed finetune.py`, the GPU capped to GIB
     python3 bench/product_run.py state VARIANT [GIB] [EPOCHS] [SETUP]  # one optimizer state in bf16: exact,
@@ -44,9 +44,10 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("BENCH_GPU_GIB"):
 """.format(outside=OUTSIDE_ALLOCATOR_GIB)
 
 
-def make(megabytes=5.0, pickle=1):
+def make(megabytes=5.0, pickle=1, layers=28):
     """The corpus, the tokenizer, GPT-J-6B with random FP16 weights in both formats (pickle=0: safetensors
-    only, 12 GB less disk and a minute less), and the dataset."""
+    only, 12 GB less disk and a minute less), and the dataset. layers < 28: GPT-J-6B's blocks, fewer of them
+    (a model whose exact Adam fits an 80 GB card whole, for comparisons of numerics)."""
     import torch
     from transformers import GPTJConfig, GPTJForCausalLM
 
@@ -58,7 +59,8 @@ def make(megabytes=5.0, pickle=1):
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)
     with torch.device("cuda"):  # 6 billion random weights: seconds on the GPU, minutes on the CPU
-        model = GPTJForCausalLM(GPTJConfig(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+        model = GPTJForCausalLM(GPTJConfig(n_layer=int(layers), bos_token_id=tokenizer.eos_token_id,
+                                           eos_token_id=tokenizer.eos_token_id))
     model.save_pretrained(FOLDERS["safetensors"])
     # transformers 5 writes safetensors whatever save_pretrained is told; the pickle older hub folders hold
     # (pytorch_model.bin) is written as torch.save writes it, with the same config beside it
@@ -195,7 +197,7 @@ def run(setup_name, gpu_gib=None, weights_format="safetensors", changes=None, va
     process.wait()
     watcher.stop(), gpu.stop()
     output = "".join(lines)
-    point = f"run-{setup_name}-{gpu_gib or 'full'}" + (f"-{variant}" if variant else "")
+    point = f"run-{setup_name}-{gpu_gib or 'full'}" + (f"-{variant}" if variant else "") + layers_suffix()
     record = {**describe(point, setup_name), "ok": process.returncode == 0, "changes": changes,
               "vram_budget_gib": gpu_gib, "weights_format": weights_format, "wall_s": round(time.time() - started, 1),
               **watcher.peaks(), "gpu_used_peak_mib": gpu.peak_mib,
@@ -302,8 +304,15 @@ def describe(point, setup_name):
                                                                           * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]},
-            "model": "GPTJConfig() (GPT-J-6B), random FP16 weights",
+            "model": "GPTJConfig() (GPT-J-6B), random FP16 weights" if not layers_suffix() else
+            f"GPTJConfig(n_layer={layers_suffix()[1:-6]}) (GPT-J-6B's blocks, fewer), random FP16 weights",
             "data": f"the machine's Python sources ({corpus_mb():.1f} MB), BPE 8,192"}
+
+
+def layers_suffix():
+    """'-14layers' when the model in the safetensors folder has fewer blocks than GPT-J-6B's 28, else ''."""
+    layers = json.loads((FOLDERS["safetensors"] / "config.json").read_text())["n_layer"]
+    return "" if layers == 28 else f"-{layers}layers"
 
 
 def corpus_mb():
