@@ -1,7 +1,8 @@
 """bench/results.json -> bench/results.png: per-device batch vs GPU memory, and vs tokens/s.
 
     pip install matplotlib && python bench/plot.py
-    python bench/plot.py states [RESULTS PNG]   # the optimizer states' loss curves (product_run.py state)
+    python bench/plot.py states [RESULTS PNG RUN]   # the loss curves of product_run.py's state runs of one
+                                                    # set-up and model (RUN: run-ram-optimizer-24.0)
 """
 
 import json
@@ -65,8 +66,9 @@ def setup(record):
     return old.get(record["settings"], record["settings"])
 
 
-def states(results=HERE / "results.json", picture=HERE / "states.png"):
-    """Training and validation loss per optimizer step of each `product_run.py state` run, newest of each."""
+def states(results=HERE / "results.json", picture=HERE / "states.png", run="run-ram-optimizer-24.0"):
+    """Training and validation loss per optimizer step of each `product_run.py state` run whose point is
+    `run`-VARIANT (the same set-up, card budget and model), newest of each variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,8 +76,9 @@ def states(results=HERE / "results.json", picture=HERE / "states.png"):
 
     runs = {}
     for record in json.loads(Path(results).read_text()):
-        if record.get("ok") and record.get("command", "").startswith("python3 bench/product_run.py state"):
-            runs[record["command"].split()[3]] = record
+        variant = record["command"].split()[3] if "product_run.py state" in record.get("command", "") else ""
+        if record.get("ok") and record["point"] == f"{run}-{variant}":
+            runs[variant] = record
     figure, (train, validation) = plt.subplots(1, 2, figsize=(11, 4.2))
     for variant, record in runs.items():
         train.plot(range(1, len(record["losses"]) + 1), record["losses"], linewidth=0.8, label=variant)
@@ -88,8 +91,8 @@ def states(results=HERE / "results.json", picture=HERE / "states.png"):
     every = [loss for record in runs.values() for _, loss in record["validation_losses"]]
     if max(every) > 3 * min(every):  # a random model's first loss (~11) would flatten the rest
         validation.set_yscale("log")
-    figure.suptitle(f"{first['model']}\n{first['data']}, {first['gpu']}; ram-optimizer in bf16: "
-                    f"exact Adam against DeepSpeed's 16-bit states", fontsize=9)
+    figure.suptitle(f"{first['model']}\n{first['data']}, {first['gpu']}; {first['setup']} in bf16, "
+                    f"{first['vram_budget_gib'] or 'whole card'} GiB: {' against '.join(runs)}", fontsize=9)
     figure.tight_layout()
     figure.savefig(picture, dpi=110)
     print(f"wrote {picture}")
