@@ -92,7 +92,7 @@ def states(results=HERE / "results.json", picture=HERE / "states.png", run="run-
     if max(every) > 3 * min(every):  # a random model's first loss (~11) would flatten the rest
         validation.set_yscale("log")
     figure.suptitle(f"{first['model']}\n{first['data']}, {first['gpu']}; {first['setup']} in bf16, "
-                    f"{first['vram_budget_gib'] or 'whole card'} GiB: {' against '.join(runs)}", fontsize=9)
+                    f"{first['vram_budget_gib'] or 'whole card'} GiB: {', '.join(runs)}", fontsize=9)
     figure.tight_layout()
     figure.savefig(picture, dpi=110)
     print(f"wrote {picture}")

@@ -5,9 +5,10 @@ run's time against the run's measured time, and the host RAM that loading each w
                                                       # safetensors only; LAYERS: fewer blocks, same width), dataset
     python3 bench/product_run.py load FORMAT SETUP    # finetune.load_model() reading that folder: host peak, time
     python3 bench/product_run.py run SETUP [GIB]      # `deepspeed finetune.py`, the GPU capped to GIB
-    python3 bench/product_run.py state VARIANT [GIB] [EPOCHS] [SETUP]  # one optimizer state in bf16: exact,
-                                                      # bf16-master, bf16-master-states, or fp8 (issue #28);
-                                                      # ram-optimizer unless SETUP; GIB 0: the whole card
+    python3 bench/product_run.py state VARIANT [GIB] [EPOCHS] [SETUP] [BATCH]  # one optimizer state in bf16:
+                                                      # exact, bf16-master, bf16-master-states, or fp8 (issue
+                                                      # #28); ram-optimizer unless SETUP; GIB 0: the whole card;
+                                                      # BATCH: per device (else the plan's), 16 a step
 
 The hub is out of reach: the model is GPTJConfig() (GPT-J-6B's shape) with random FP16 weights, saved as
 safetensors (`save_pretrained`'s default) and as a PyTorch pickle (`safe_serialization=False`); the text is
@@ -159,14 +160,17 @@ STATES = {
 }
 
 
-def state(variant, gpu_gib=24.0, epochs=3, setup_name="ram-optimizer"):
+def state(variant, gpu_gib=24.0, epochs=3, setup_name="ram-optimizer", batch=None):
     """One optimizer state of STATES through `ram-optimizer` (or another set-up) in bf16, at the product's LR and cosine
     schedule with 5 warm-up steps (a random model's first full-LR Adam step throws its loss from 11 to 21):
     the same seed and data for each, a validation loss after every epoch (`make 2.2`: ~16 optimizer steps an
     epoch at FULL_BATCH 16). No checkpoints: one of exact Adam's is ~97 GB, more than the GPU machine's disk.
-    `gpu` on a 139 GiB card (GIB 0) runs the same comparison in a third of ram-optimizer's time."""
+    `gpu` on a 139 GiB card (GIB 0) runs the same comparison in a third of ram-optimizer's time. `batch`: the
+    per-device batch where the plan has no measured one to pick (a model of fewer blocks: it picks 1)."""
+    batches = {"per_device_train_batch_size": int(batch), "gradient_accumulation_steps": 16 // int(batch)} \
+        if batch else {}
     run(setup_name, gpu_gib or None, changes={
-        "TRAINING": {"bf16": True, "num_train_epochs": int(epochs), "warmup_steps": 5},
+        "TRAINING": {"bf16": True, "num_train_epochs": int(epochs), "warmup_steps": 5, **batches},
         "FULL_BATCH": 16, "CHECKPOINTS": {"every_steps": None}, **STATES[variant]}, variant=variant)
 
 
@@ -203,7 +207,8 @@ def run(setup_name, gpu_gib=None, weights_format="safetensors", changes=None, va
               **watcher.peaks(), "gpu_used_peak_mib": gpu.peak_mib,
               "command": f"python3 bench/product_run.py run {setup_name} {gpu_gib or ''}".strip() if not variant
               else f"python3 bench/product_run.py state {variant} {gpu_gib or 0:g} "
-                   f"{changes['TRAINING']['num_train_epochs']} {setup_name}"}
+                   f"{changes['TRAINING']['num_train_epochs']} {setup_name} "
+                   f"{changes['TRAINING'].get('per_device_train_batch_size', '')}".strip()}
     plan_lines = [line for line in lines if line.startswith(("Batch", "Speed on this card", "Estimated time",
                                                                "Set-up:", "Disk:"))]
     record["plan"] = [line.rstrip() for line in plan_lines]
@@ -304,15 +309,28 @@ def describe(point, setup_name):
                                                                           * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]},
-            "model": "GPTJConfig() (GPT-J-6B), random FP16 weights" if not layers_suffix() else
-            f"GPTJConfig(n_layer={layers_suffix()[1:-6]}) (GPT-J-6B's blocks, fewer), random FP16 weights",
+            "model": model_description(),
             "data": f"the machine's Python sources ({corpus_mb():.1f} MB), BPE 8,192"}
 
 
+def model_shape():
+    config = json.loads((FOLDERS["safetensors"] / "config.json").read_text())
+    return config["n_layer"], config["n_embd"]
+
+
 def layers_suffix():
-    """'-14layers' when the model in the safetensors folder has fewer blocks than GPT-J-6B's 28, else ''."""
-    layers = json.loads((FOLDERS["safetensors"] / "config.json").read_text())["n_layer"]
-    return "" if layers == 28 else f"-{layers}layers"
+    """'' for GPT-J-6B's shape in the safetensors folder, else '-14layers' (its blocks, fewer) or
+    '-4layersx256' (narrower too: bench/state_proxy.py's)."""
+    layers, width = model_shape()
+    return "" if (layers, width) == (28, 4096) else f"-{layers}layers" + ("" if width == 4096 else f"x{width}")
+
+
+def model_description():
+    layers, width = model_shape()
+    if (layers, width) == (28, 4096):
+        return "GPTJConfig() (GPT-J-6B), random FP16 weights"
+    return f"GPT-J of {layers} layers x {width}" + (" (GPT-J-6B's blocks, fewer)" if width == 4096 else "") \
+        + ", random weights"
 
 
 def corpus_mb():
