@@ -363,6 +363,9 @@ def report(setup, why, options, training, full_batch, machine):
         smallest = min(MEASURED[setup["name"]].get("largest_batch", {8: 0}))
         lines.append(f"GPU memory: {card_gib:.1f} GiB on the card; batches were measured on cards "
                      f"of {smallest} GiB and more only.")
+    elif card_gib and training.get("per_device_train_batch_size", "auto") == "auto":
+        lines.append("GPU memory: batches were measured on GPT-J-6B only; for this model auto takes 1 "
+                     "sample a micro-step. More may fit and run faster: set per_device_train_batch_size.")
     card = machine["card"]
     if card and setup["estimate"]:
         lines.append(f"Speed on this card ({card['name']}: {card['tflops']:.0f} TFLOP/s FP16, "

@@ -126,6 +126,22 @@ def test_a_card_smaller_than_any_measured_is_not_stopped():
     assert "GPU memory: 6.0 GiB on the card; batches were measured on cards of 8 GiB and more only." in report
 
 
+def test_another_models_batch_of_one_is_said_with_how_to_raise_it():
+    """For a model other than GPT-J-6B no batch was measured: auto takes 1, and the plan says so, with the
+    setting that raises it; a batch set in TRAINING is taken as it is, without the line."""
+    machine = {"host_ram_gib": 128, "gpu_memory_gib": 80, "processes_on_host": 1, "gpus": 1, "card": None}
+    auto = {"per_device_train_batch_size": "auto", "gradient_accumulation_steps": "auto"}
+    setup = plan.choose_setup("gpu", 2.9e9, {"block_size": 2048}, auto, 16, machine)
+    assert (setup["batch"], setup["accumulation"]) == (1, 16)
+    assert "for this model auto takes 1 sample a micro-step" in setup["report"]
+    assert "set per_device_train_batch_size" in setup["report"]
+    chosen = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4}
+    setup = plan.choose_setup("gpu", 2.9e9, {"block_size": 2048}, chosen, 16, machine)
+    assert (setup["batch"], setup["accumulation"]) == (4, 4)
+    assert "auto takes 1" not in setup["report"]
+    assert "auto takes 1" not in choose("ram", host_gib=256, gpu_gib=24, batch="auto")["report"]  # GPT-J-6B
+
+
 def test_what_fits_is_said_not_stopped():
     report = choose("auto", host_gib=130, gpu_gib=24, batch=26)["report"]
     assert "Host RAM: ~119.5 GiB at peak (full fine-tuning, optimizer state in RAM), 130.0 GiB available" in report
