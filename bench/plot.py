@@ -1,8 +1,8 @@
 """bench/results.json -> bench/results.png: per-device batch vs GPU memory, and vs tokens/s.
 
     pip install matplotlib && python bench/plot.py
-    python bench/plot.py states [RESULTS PNG RUN]   # the loss curves of product_run.py's state runs of one
-                                                    # set-up and model (RUN: run-ram-optimizer-24.0)
+    python bench/plot.py states [RESULTS PNG RUN SHAPE]  # the loss curves of product_run.py's state runs of one
+                                                    # set-up and model (RUN: run-ram-optimizer-24.0; SHAPE: -14layers)
 """
 
 import json
@@ -66,9 +66,9 @@ def setup(record):
     return old.get(record["settings"], record["settings"])
 
 
-def states(results=HERE / "results.json", picture=HERE / "states.png", run="run-ram-optimizer-24.0"):
+def states(results=HERE / "results.json", picture=HERE / "states.png", run="run-ram-optimizer-24.0", shape=""):
     """Training and validation loss per optimizer step of each `product_run.py state` run whose point is
-    `run`-VARIANT (the same set-up, card budget and model), newest of each variant."""
+    `run`-VARIANT`shape` (the same set-up, card budget and model; shape: e.g. -14layers), newest of each variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +77,7 @@ def states(results=HERE / "results.json", picture=HERE / "states.png", run="run-
     runs = {}
     for record in json.loads(Path(results).read_text()):
         variant = record["command"].split()[3] if "product_run.py state" in record.get("command", "") else ""
-        if record.get("ok") and record["point"] == f"{run}-{variant}":
+        if record.get("ok") and record["point"] == f"{run}-{variant}{shape}":
             runs[variant] = record
     figure, (train, validation) = plt.subplots(1, 2, figsize=(11, 4.2))
     for variant, record in runs.items():
@@ -92,7 +92,7 @@ def states(results=HERE / "results.json", picture=HERE / "states.png", run="run-
     if max(every) > 3 * min(every):  # a random model's first loss (~11) would flatten the rest
         validation.set_yscale("log")
     figure.suptitle(f"{first['model']}\n{first['data']}, {first['gpu']}; {first['setup']} in bf16, "
-                    f"{first['vram_budget_gib'] or 'whole card'} GiB: {', '.join(runs)}", fontsize=9)
+                    f"{str(first['vram_budget_gib']) + ' GiB' if first['vram_budget_gib'] else 'whole card'}: {', '.join(runs)}", fontsize=9)
     figure.tight_layout()
     figure.savefig(picture, dpi=110)
     print(f"wrote {picture}")
