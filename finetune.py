@@ -20,6 +20,7 @@ import checkpoints
 import curves
 import ds_config
 import failures
+import fp8
 import memory_savers
 import plan
 
@@ -65,6 +66,10 @@ MACHINE = {  # the machine to plan for; None: this machine's
     "cpu_threads": None,  # CPU Adam's step scales with them
 }
 
+# Full fine-tuning in bf16 on a card with FP8 (RTX 40xx/50xx, H100, H200): each block's Linear layers multiply
+# in FP8 (torchao, compiled): micro-steps ~18% shorter, validation loss within 0.1% of bf16's (README)
+FP8 = False
+
 # Samples (of block_size tokens) per optimizer step, all GPUs together: 64 x 2048 = 131,072 tokens.
 # Fewer give more, noisier steps (a 5 MB corpus, ~600 samples, makes ~10 an epoch at 64); more
 # spread CPU Adam's ~6 s step over more micro-steps (faster where the optimizer state is in RAM).
@@ -97,7 +102,7 @@ def main():
     artifacts.check_dataset(facts, tokenizer, MODEL["name"], config.max_position_embeddings)
     # The set-up and the disk the run needs, from measured figures: stops here if they do not fit.
     parameters, machine = plan.count_parameters(config), plan.this_machine(MACHINE)
-    setup = plan.choose_setup(SETUP, parameters, facts, TRAINING, FULL_BATCH, machine)
+    setup = plan.choose_setup(SETUP, parameters, facts, TRAINING, FULL_BATCH, machine, FP8)
     # LoRA: its own learning rate; "auto" batch settings: the numbers the plan chose
     training = {**TRAINING, **(LORA_TRAINING if setup["lora"] else {}), **setup["batch_settings"]}
     disk_plan = plan.check_disk(parameters, setup, FILES, CHECKPOINTS, torch.cuda.is_available())
@@ -147,6 +152,8 @@ def load_model(config, setup, arguments):
         MODEL["name"], revision=MODEL["revision"], dtype=dtype,
         config=memory_savers.one_kernel_gelu(config),  # same function, less GPU memory per sample
     )
+    if setup["fp8"]:  # FP8 = True, and the plan found that it applies
+        model = fp8.blocks_in_fp8(model)
     if not setup["lora"]:
         return model
     set_seed(arguments.seed)  # LoRA: the adapters start random; same seed, same run

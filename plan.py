@@ -102,6 +102,10 @@ MEASURED = {
         # -ga12, 2026-12-02): twice each for 28 layers
         "steps": [step(24, 26, 8, 2372, 7.398, 1.24, 120.4, 16, "projected from disk-24-14l", "projected")],
     },
+    # FP8 = True: a micro-step with each block's Linear layers in FP8 (compiled) over one in bf16, on an H100
+    # at 24 GiB, same call: ram-optimizer B=11 x 16, 1.681 / 2.050 s (-fp8-compile-ga16, -bf16-ga16); gpu,
+    # 14 of GPT-J's blocks, B=4, steps 24-45: 1.62 / 2.00 s (2026-12-07). GPU memory at the peak: +342 MiB.
+    "fp8_micro_step": 0.82,
     "host_gib_per_more_gpu": 2.5,  # RAM: from 138.2 to 140.7 GiB at 2 GPUs (pinned 156.8 to 158.9)
     # ZeRO's FP16 weights 2 + fp32 master, Adam m and v 12 + 16-bit model 2
     "checkpoint_bytes_per_parameter": 16,
@@ -210,9 +214,9 @@ def largest_batch(name, gpu_gib, block_size, gpus=1, parameters=MEASURED["parame
     return int(batch * 2048 / block_size + 1e-9)
 
 
-def assess(name, parameters, block_size, training, full_batch, machine):
-    """One set-up on this machine: what it needs, the batch it would run at, its speed, and why it
-    does not fit (None if it does)."""
+def assess(name, parameters, block_size, training, full_batch, machine, fp8=False):
+    """One set-up on this machine: what it needs, the batch it would run at, its speed (in FP8 where
+    FP8 is asked for and applies), and why it does not fit (None if it does)."""
     host_needed = host_ram_needed(name, parameters, machine["processes_on_host"])
     gpu_gib, measured_model = (machine["gpu_memory_gib"],
                                abs(parameters / MEASURED["parameters"] - 1) < 0.05)
@@ -221,12 +225,14 @@ def assess(name, parameters, block_size, training, full_batch, machine):
     most = max(1, fits - MEASURED[name].get("auto_margin", 0)) if fits else 1
     batch, accumulation = split_batch(training, full_batch, most, machine["gpus"])
     record = measured_step(name, gpu_gib)
-    estimate = (speed.tokens_per_second(step_model(name, record), batch, accumulation,
+    fp8_off = fp8_off_because(SETUPS[name], machine) if fp8 else None
+    estimate = (speed.tokens_per_second(step_model(name, record, fp8 and not fp8_off), batch, accumulation,
                                         machine["gpus"], block_size, machine["card"])
                 if machine["card"] and measured_model else None)
     result = {"name": name, **SETUPS[name], "host_gib": host_needed, "largest_batch": fits,
               "batch": batch, "accumulation": accumulation, "record": record,
-              "estimate": estimate, "measured_model": measured_model, "why_not": None}
+              "estimate": estimate, "measured_model": measured_model, "why_not": None,
+              "fp8": fp8 and not fp8_off, "fp8_off": fp8_off}
     if host_needed > machine["host_ram_gib"]:
         result["why_not"] = (f"needs ~{host_needed:.0f} GiB of host RAM at its peak, more "
                              f"than the {machine['host_ram_gib']:.0f} GiB this machine has "
@@ -247,6 +253,17 @@ def assess(name, parameters, block_size, training, full_batch, machine):
         result["then"] = (f"CUDA would run out of memory: set it to {fits} or less, or \"auto\"")
         result["last"] = "use a GPU with more memory"
     return result
+
+
+def fp8_off_because(setup, machine):
+    """Why FP8 = True does not apply to a set-up on this machine; None where it does (on a CPU too:
+    torchao runs FP8 there, slowly, which is how the tests train in it)."""
+    card = machine["card"]
+    if setup["lora"]:
+        return "LoRA set-ups stay in 16 bits (FP8 was measured for full fine-tuning)"
+    if card and not card["fp8"]:
+        return f"the {card['name']} has no FP8 tensor cores (RTX 40xx and 50xx, H100 and H200 have)"
+    return None
 
 
 def split_batch(training, full_batch, most, gpus):
@@ -270,9 +287,10 @@ def measured_step(name, gpu_gib):
     return min(MEASURED[name]["steps"], key=lambda record: abs(record["card_gib"] - (gpu_gib or 0)))
 
 
-def step_model(name, record):
+def step_model(name, record, fp8=False):
     """speed.py's model of a set-up's step: its record, the compute of a sample from the set-up of
-    its kind that moves nothing over PCIe ("gpu" or "lora"), the bytes it streams a micro-step."""
+    its kind that moves nothing over PCIe ("gpu" or "lora"), the bytes it streams a micro-step; with
+    FP8, that compute shortened as measured."""
     setup = SETUPS[name]
     reference = MEASURED["lora"]["steps"][-1] if setup["lora"] else MEASURED["gpu"]["steps"][0]
     if setup["weights"] == "ram":  # fetched for the forward and again for the backward
@@ -280,20 +298,25 @@ def step_model(name, record):
     else:
         pcie_bytes = 2 if setup["optimizer_state"] == "ram" else 0  # the FP16 gradients to RAM
     optimizer_on = {"gpu": "gpu", "ram": "cpu", "disk": "disk"}[setup["optimizer_state"]]
-    return speed.step_model(record, reference, pcie_bytes, MEASURED["parameters"],
-                            setup["pinned"], optimizer_on)
+    model = speed.step_model(record, reference, pcie_bytes, MEASURED["parameters"],
+                             setup["pinned"], optimizer_on)
+    model["seconds_per_sample"] *= MEASURED["fp8_micro_step"] if fp8 else 1
+    return model
 
 
-def choose_setup(choice, parameters, facts, training, full_batch, machine):
+def choose_setup(choice, parameters, facts, training, full_batch, machine, fp8=False):
     """The set-up that runs: SETUP's, or for "auto" the fastest of SETUPS that fits on this machine
-    (facts: the dataset's block_size and, where known, its sample counts). Stops before any weights
-    load if it does not fit, with the set-ups that would. Returns the set-up, with its batch, its
-    optimizer steps and a report to print."""
+    (facts: the dataset's block_size and, where known, its sample counts; fp8: finetune.py's FP8).
+    Stops before any weights load if it does not fit, with the set-ups that would. Returns the
+    set-up, with its batch, its optimizer steps, whether it trains in FP8 and a report to print."""
     block_size = facts["block_size"]
     if choice != "auto" and choice not in SETUPS:
         raise SystemExit(f"finetune.py: SETUP is {choice!r}; it must be 'auto' or one of "
                          f"{', '.join(repr(name) for name in SETUPS)}.")
-    options = [assess(name, parameters, block_size, training, full_batch, machine)
+    if fp8 and not training.get("bf16"):
+        raise SystemExit("finetune.py: FP8 = True needs TRAINING['bf16'] = True (FP8 was measured beside bf16 "
+                         "weights and gradients, not FP16's); set it, or FP8 = False.")
+    options = [assess(name, parameters, block_size, training, full_batch, machine, fp8)
                for name in SETUPS]
     if choice == "auto":
         fitting = [option for option in options if not option["why_not"] and (
@@ -366,6 +389,11 @@ def report(setup, why, options, training, full_batch, machine):
     elif card_gib and training.get("per_device_train_batch_size", "auto") == "auto":
         lines.append("GPU memory: batches were measured on GPT-J-6B only; for this model auto takes 1 "
                      "sample a micro-step. More may fit and run faster: set per_device_train_batch_size.")
+    if setup["fp8"]:
+        lines.append(f"FP8: on: each block's Linear layers multiply in FP8 (torchao, compiled), "
+                     f"micro-steps ~{1 - MEASURED['fp8_micro_step']:.0%} shorter (measured on an H100).")
+    elif setup["fp8_off"]:
+        lines.append(f"FP8: off: {setup['fp8_off']}.")
     card = machine["card"]
     if card and setup["estimate"]:
         lines.append(f"Speed on this card ({card['name']}: {card['tflops']:.0f} TFLOP/s FP16, "

@@ -28,6 +28,8 @@ CARDS = {  # name as torch reports it, lower case: (TFLOP/s, memory GiB, PCIe GT
     "rtx 3090 ti": (80, 23.6, 16, 16),
     "rtx 3090": (71, 23.6, 16, 16),  # Ampere GA102 whitepaper: 71 (142 with FP16 accumulation)
 }
+# Cards with FP8 tensor cores (compute capability 8.9 and up: Ada, Hopper, Blackwell), for finetune.py's FP8.
+FP8_CARDS = {"h200", "h100 pcie", "h100", "rtx 6000 ada", "l40s", "rtx 5090", "rtx 4090"}
 # Else: SMs x clock x FP16 FLOP per clock and SM of the architecture (compute capability); the
 # GeForce rate where workstation cards of the same chip have twice it.
 FLOP_PER_CLOCK_AND_SM = {(7, 0): 1024, (7, 5): 512, (8, 0): 2048, (8, 6): 512, (8, 9): 512,
@@ -51,9 +53,10 @@ def this_card(gpu_name=None, cpu_threads=None):
         if known is None:
             raise SystemExit(f"finetune.py: MACHINE['gpu'] is {gpu_name!r}, not a card in speed.CARDS "
                              f"({', '.join(CARDS)}); set it to one of them, or to None for this machine's.")
-        tflops, memory_gib, link_gts, lanes = known
+        tflops, memory_gib, link_gts, lanes = CARDS[known]
         return {"name": gpu_name, "tflops": tflops, "how": "table", "memory_gib": memory_gib,
-                "link_gts": link_gts, "lanes": lanes, "cpu_threads": threads}
+                "link_gts": link_gts, "lanes": lanes, "cpu_threads": threads,
+                "fp8": known in FP8_CARDS}
     import torch
 
     if not torch.cuda.is_available():
@@ -61,7 +64,7 @@ def this_card(gpu_name=None, cpu_threads=None):
     properties = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0)))
     known = card_in_table(properties.name)
     if known:
-        tflops, how = known[0], "table"
+        tflops, how = CARDS[known][0], "table"
     else:
         rate = FLOP_PER_CLOCK_AND_SM.get((properties.major, properties.minor), 512)
         tflops = properties.multi_processor_count * ASSUMED_CLOCK_GHZ * rate / 1e3
@@ -69,13 +72,13 @@ def this_card(gpu_name=None, cpu_threads=None):
     link_gts, lanes = pcie_link(properties)
     return {"name": properties.name, "tflops": tflops, "how": how,
             "memory_gib": properties.total_memory / 2**30, "link_gts": link_gts, "lanes": lanes,
-            "cpu_threads": threads}
+            "cpu_threads": threads, "fp8": (properties.major, properties.minor) >= (8, 9)}
 
 
 def card_in_table(name):
-    """CARDS' entry whose name is in `name` (the longest such, so "RTX 3090 Ti" is not a 3090)."""
+    """The key of CARDS that is in `name` (the longest such, so "RTX 3090 Ti" is not a 3090), or None."""
     matches = [key for key in CARDS if key in name.lower()]
-    return CARDS[max(matches, key=len)] if matches else None
+    return max(matches, key=len) if matches else None
 
 
 def torch_threads():

@@ -6,7 +6,7 @@ run's time against the run's measured time, and the host RAM that loading each w
     python3 bench/product_run.py load FORMAT SETUP    # finetune.load_model() reading that folder: host peak, time
     python3 bench/product_run.py run SETUP [GIB]      # `deepspeed finetune.py`, the GPU capped to GIB
     python3 bench/product_run.py state VARIANT [GIB] [EPOCHS] [SETUP] [BATCH]  # one optimizer state in bf16:
-                                                      # exact, bf16-master, bf16-master-states, fp8[-compile] (issue
+                                                      # exact, bf16-master, bf16-master-states, fp8-compile (issue
                                                       # #28); ram-optimizer unless SETUP; GIB 0: the whole card;
                                                       # BATCH: per device (else the plan's), 16 a step
 
@@ -150,14 +150,13 @@ def load(weights_format, setup_name):
 
 # DeepSpeed 0.19.8's smaller optimizer states (issue #28): bytes a parameter in host RAM, with the bf16 weights
 # and gradients: exact Adam 16 (fp32 master weights, fp32 m and v), bf16 master weights 12, and bf16 moments 8;
-# and exact Adam with the blocks' Linear layers in FP8 (torchao, through tests/run_finetune.py's "FP8").
+# and exact Adam with the blocks' Linear layers in FP8, compiled (finetune.py's FP8).
 STATES = {
     "exact": {"DS_CONFIG": {}},
     "bf16-master": {"DS_CONFIG": {"bf16": {"bf16_master_weights_and_grads": True}}},
     "bf16-master-states": {"DS_CONFIG": {"bf16": {"bf16_master_weights_and_grads": True,
                                                   "bf16_optimizer_states": True}}},
-    "fp8": {"FP8": True},
-    "fp8-compile": {"FP8": "compile"},  # the same, each block one ZeRO-3 leaf, its attention and MLP compiled
+    "fp8-compile": {"FP8": True},
 }
 
 

@@ -2,9 +2,7 @@
 
     deepspeed --num_gpus 1 tests/run_finetune.py settings.json   # {"MODEL": {...}, "SETUP": "ram", ...}
 
-An optional "DS_CONFIG" entry is merged into ds_config.DS_CONFIG (bench/: DeepSpeed's precision variants);
-"FP8": true trains the blocks' Linear layers in FP8 (bench/: torchao's Float8Linear, issue #28); "compile":
-the same, with each block one ZeRO-3 leaf and its attention and MLP compiled (the casts fused).
+An optional "DS_CONFIG" entry is merged into ds_config.DS_CONFIG (bench/: DeepSpeed's precision variants).
 The optional "KILL" entry makes the run kill itself with SIGKILL (what the OOM killer or a power cut
 does: no handler runs, nothing is flushed) at a chosen moment:
   {"after_step": N}      right after optimizer step N
@@ -78,37 +76,10 @@ def arm(kill):
         artifacts.write_training_log = kill_self  # runs after save_model wrote out.partial/, before the swap
 
 
-def train_in_fp8(compiled):
-    from torchao.float8 import convert_to_float8_training
-
-    load_model = finetune.load_model
-    if compiled:  # as bench/gpu_bench.py's BLOCKS_AS_LEAVES: no ZeRO-3 hooks inside a block's graphs
-        ds_config.merge(ds_config.DS_CONFIG, {"zero_optimization": {
-            "leaf_module": {"classes": ["transformers.models.gptj.modeling_gptj.GPTJBlock"]}}})
-
-    def load_in_fp8(*args, **kwargs):
-        model = load_model(*args, **kwargs)
-        # The blocks' Linear layers only (their dimensions are multiples of 16, as FP8 matmuls need).
-        model = convert_to_float8_training(model, module_filter_fn=lambda module, name: ".h." in f".{name}")
-        if compiled:
-            import torch
-
-            torch._dynamo.config.recompile_limit = 4 * len(model.transformer.h)  # one graph per block
-            for block in model.transformer.h:
-                block.attn.forward, block.mlp.forward = torch.compile(block.attn.forward), torch.compile(
-                    block.mlp.forward)
-        return model
-
-    finetune.load_model = load_in_fp8
-
-
 if __name__ == "__main__":
     settings = json.loads(Path(sys.argv[-1]).read_text())  # the launcher puts --local_rank=N before it
     arm(settings.pop("KILL", {}))
     ds_config.merge(ds_config.DS_CONFIG, settings.pop("DS_CONFIG", {}))
-    fp8 = settings.pop("FP8", False)
-    if fp8:
-        train_in_fp8(compiled=fp8 == "compile")
     for name, values in settings.items():
         if isinstance(getattr(finetune, name), dict):
             getattr(finetune, name).update(values)

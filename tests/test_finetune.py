@@ -186,7 +186,7 @@ def test_zero3_computes_what_plain_training_computes(tmp_path, tiny_model, confi
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     artifacts.check_dataset(facts, tokenizer, tiny_model, config.max_position_embeddings)
     arguments = finetune.training_arguments(None, finetune.TRAINING)  # None: no DeepSpeed
-    model = finetune.load_model(config, {"name": "ram", **plan.SETUPS["ram"]}, arguments)
+    model = finetune.load_model(config, {"name": "ram", **plan.SETUPS["ram"], "fp8": False}, arguments)
     trainer = finetune.train(model, tokenizer, load_from_disk(dataset_dir), arguments)
     plain_log = trainer.state.log_history
 
@@ -324,6 +324,52 @@ def test_every_setup_trains_and_saves_a_plain_model(tmp_path, tiny_model, config
     assert tuned.keys() == base.keys()
     changed = {name for name in base if not torch.equal(tuned[name], base[name])}
     assert ("transformer.wte.weight" in changed) == (setup != "lora-ram")  # LoRA leaves the embeddings alone
+
+
+def test_fp8_trains_like_bf16_and_saves_a_plain_model(tmp_path, tiny_model, configure):
+    """FP8 = True (full fine-tuning, bf16), on CPU, where torchao runs FP8 too: the plan says it is on, the
+    run's losses differ from bf16's (so FP8 did run) yet follow them within 2% (same seed and data), and out/
+    reloads as a plain GPT-J (no FP8 modules, the same weight names) whose blocks' weights moved."""
+    dataset_dir = make_dataset(tmp_path, tiny_model, configure)
+    logs = {}
+    for fp8 in (False, True):
+        folder = tmp_path / ("fp8" if fp8 else "bf16")
+        settings = settings_for(folder, tiny_model, dataset_dir, bf16=True, num_train_epochs=4)
+        output = run_finetune({**settings, "SETUP": "ram-optimizer", "FP8": fp8})
+        assert ("FP8: on: each block's Linear layers multiply in FP8" in output) == fp8
+        logs[fp8] = json.loads((folder / "out" / "finetune_log.json").read_text())
+    losses = {fp8: [entry["loss"] for entry in log["log_history"] if "loss" in entry] for fp8, log in logs.items()}
+    assert losses[True] != losses[False]
+    assert losses[True] == pytest.approx(losses[False], rel=0.02)
+    assert logs[True]["validation_loss_after"] < logs[True]["validation_loss_before"] - 0.3
+    assert logs[True]["validation_loss_after"] == pytest.approx(logs[False]["validation_loss_after"], rel=0.02)
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8" / "out")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert {type(module).__name__ for module in tuned.modules()} >= {"Linear"}
+    assert "Float8Linear" not in {type(module).__name__ for module in tuned.modules()}
+    assert tuned.state_dict().keys() == base.keys()
+    assert not torch.equal(tuned.state_dict()["transformer.h.0.mlp.fc_in.weight"], base["transformer.h.0.mlp.fc_in.weight"])
+
+
+def test_fp8_in_two_processes_trains_and_saves_one_plain_model(tmp_path, tiny_model, configure):
+    """`deepspeed --num_gpus 2` with FP8 = True: each ZeRO-3 rank gathers a whole block (a leaf module) for
+    its compiled FP8 graphs; the weights it saves are the consolidated, plain ones."""
+    dataset_dir = make_dataset(tmp_path, tiny_model, configure)
+    settings = settings_for(tmp_path, tiny_model, dataset_dir, bf16=True, num_train_epochs=2)
+    output = run_finetune({**settings, "SETUP": "ram-optimizer", "FP8": True}, gpus=2)
+    assert "FP8: on" in output and "x 2 processes (CPU)" in output
+    log = json.loads((tmp_path / "out" / "finetune_log.json").read_text())
+    assert log["validation_loss_after"] < log["validation_loss_before"] - 0.3
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert tuned.keys() == AutoModelForCausalLM.from_pretrained(tiny_model).state_dict().keys()
+    assert all(weight.abs().sum() > 0 for weight in tuned.values())  # gathered, not ZeRO-3's empty shards
+
+
+def test_fp8_needs_bf16_and_says_so_before_loading(tmp_path, tiny_model, configure):
+    dataset_dir = make_dataset(tmp_path, tiny_model, configure)
+    configure_finetune(configure, {**settings_for(tmp_path, tiny_model, dataset_dir), "FP8": True})
+    with pytest.raises(SystemExit, match=r"FP8 = True needs TRAINING\['bf16'\] = True .* set it, or FP8 = False"):
+        finetune.main()
 
 
 def test_lean_overflow_check_gives_deepspeeds_verdicts(tmp_path):
