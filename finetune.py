@@ -144,7 +144,7 @@ def training_arguments(deepspeed_config, training):
 
 
 def load_model(config, setup, arguments):
-    """GPT-J in FP16 on GPUs (FP32 on CPU), partitioned under ZeRO-3 as it loads; + LoRA's own."""
+    """GPT-J in FP16 on GPUs (FP32 on CPU), partitioned under ZeRO-3 as it loads; + FP8's or LoRA's layers."""
     config.use_cache = False  # the generation cache: no use in training, clashes with checkpointing
     # FP16: 2 bytes a parameter, 12 GB for GPT-J (the hub's float16 branch holds exactly these).
     dtype = torch.float16 if arguments.fp16 else torch.bfloat16 if arguments.bf16 else torch.float32
