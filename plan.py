@@ -226,13 +226,14 @@ def assess(name, parameters, block_size, training, full_batch, machine, fp8=Fals
     batch, accumulation = split_batch(training, full_batch, most, machine["gpus"])
     record = measured_step(name, gpu_gib)
     fp8_off = fp8_off_because(SETUPS[name], machine) if fp8 else None
-    estimate = (speed.tokens_per_second(step_model(name, record, fp8 and not fp8_off), batch, accumulation,
+    in_fp8 = fp8 and not fp8_off
+    estimate = (speed.tokens_per_second(step_model(name, record, in_fp8), batch, accumulation,
                                         machine["gpus"], block_size, machine["card"])
                 if machine["card"] and measured_model else None)
     result = {"name": name, **SETUPS[name], "host_gib": host_needed, "largest_batch": fits,
               "batch": batch, "accumulation": accumulation, "record": record,
               "estimate": estimate, "measured_model": measured_model, "why_not": None,
-              "fp8": fp8 and not fp8_off, "fp8_off": fp8_off}
+              "fp8": in_fp8, "fp8_off": fp8_off}
     if host_needed > machine["host_ram_gib"]:
         result["why_not"] = (f"needs ~{host_needed:.0f} GiB of host RAM at its peak, more "
                              f"than the {machine['host_ram_gib']:.0f} GiB this machine has "
